@@ -1,0 +1,70 @@
+"""Argument checks shared by every backend: each error names the argument, what was received
+and what was expected."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: got {type(value).__name__}, expected a torch.Tensor")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: got dtype {value.dtype}, expected one of float16, bfloat16, float32, float64"
+        )
+    return value
+
+
+def check_encode_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Shapes, dtypes and devices of x (*, D), weight (H, D) and bias (H,)."""
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: got shape {tuple(weight.shape)}, expected (H, D)")
+    hidden, features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != features:
+        raise ValueError(
+            f"x: got shape {tuple(x.shape)}, expected (B, {features}) to match weight of shape "
+            f"{tuple(weight.shape)}"
+        )
+    if x.numel() == 0 or hidden == 0 or features == 0:
+        raise ValueError(
+            f"x, weight: got shapes {tuple(x.shape)} and {tuple(weight.shape)}, expected at least "
+            "one sample, one feature and one hidden unit"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"weight: got dtype {weight.dtype}, expected the dtype of x, {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"weight: got device {weight.device}, expected the device of x, {x.device}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (hidden,):
+            raise ValueError(f"bias: got shape {tuple(bias.shape)}, expected ({hidden},)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: got dtype {bias.dtype}, expected the dtype of x, {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: got device {bias.device}, expected the device of x, {x.device}")
+
+
+def check_rho(rho: object) -> float:
+    """The KL target rho must be a number strictly inside (0, 1)."""
+    if isinstance(rho, Tensor):
+        rho = rho.item()
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < float(rho) < 1.0:
+        raise ValueError(f"rho: got {rho!r}, expected a number strictly between 0 and 1")
+    return float(rho)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: got {reduction!r}, expected 'mean', 'sum' or 'none'")
+    return reduction
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics accumulate in fp32 at least, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,57 @@
+"""Global batch statistics over a torch.distributed process group (DESIGN section 4).
+
+Every rank holds B_r samples. The statistics are sums over all N = sum_r B_r samples divided by
+N, so each rank all-reduces its local sums and its count in one packed fp64 vector.
+
+In the backward, a global statistic s = S / N gives each local sample the gradient g_s / N of the
+global loss. DistributedDataParallel then averages parameter gradients over the R ranks, which
+would divide that share by R; the backward therefore scales it by R, so that after the average
+the parameters hold exactly the gradient of one process on the concatenated batch (the problem
+SyncBatchNorm solves for batch norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed(process_group: object) -> bool:
+    """True when statistics must be reduced over more than one process."""
+    if process_group is None:
+        return False
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "process_group: got a group, expected torch.distributed to be initialized first "
+            "(torch.distributed.init_process_group)"
+        )
+    return dist.get_world_size(process_group) > 1
+
+
+def all_reduce_sums(
+    contractive_sum: Tensor, l1_sum: Tensor, column_sum: Tensor, count: int, process_group
+) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """All-reduce (SUM) the local sums and the local sample count in one collective.
+
+    Returns the global sums, the global count N and the world size R.
+    """
+    packed = torch.cat(
+        [
+            contractive_sum.reshape(1).double(),
+            l1_sum.reshape(1).double(),
+            torch.tensor([float(count)], dtype=torch.float64, device=column_sum.device),
+            column_sum.double(),
+        ]
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+    dtype = column_sum.dtype
+    world = dist.get_world_size(process_group)
+    total = int(round(packed[2].item()))
+    return packed[0].to(dtype), packed[1].to(dtype), packed[3:].to(dtype), total, world
+
+
+def stat_grad_scale(count: int, total: int, world: int) -> float:
+    """The factor that turns an upstream statistic gradient into a per-sample one: 1 / B on one
+    process, R / N across R processes (see the module docstring)."""
+    return world / total if world > 1 else 1.0 / count
