@@ -15,8 +15,11 @@ def combined_loss(encode_fn, activation, g_h, g_r):
 
     def loss(x, weight, bias):
         h, stats = encode_fn(x, weight, bias, activation)
-        return (h * g_h).sum() + 0.7 * stats.contractive + (stats.rho_hat * g_r).sum() + (
-            0.3 * stats.l1
+        return (
+            (h * g_h).sum()
+            + 0.7 * stats.contractive
+            + (stats.rho_hat * g_r).sum()
+            + (0.3 * stats.l1)
         )
 
     return loss

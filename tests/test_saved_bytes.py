@@ -21,9 +21,7 @@ def saved_bytes(run, inputs):
         run()
 
     def is_input(tensor):
-        return any(
-            tensor.data_ptr() == t.data_ptr() and tensor.shape == t.shape for t in inputs
-        )
+        return any(tensor.data_ptr() == t.data_ptr() and tensor.shape == t.shape for t in inputs)
 
     return sum(t.numel() * t.element_size() for t in saved if not is_input(t))
 

@@ -39,7 +39,9 @@ def check_encode_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if x.dtype != weight.dtype:
         raise TypeError(f"weight: got dtype {weight.dtype}, expected the dtype of x, {x.dtype}")
     if x.device != weight.device:
-        raise ValueError(f"weight: got device {weight.device}, expected the device of x, {x.device}")
+        raise ValueError(
+            f"weight: got device {weight.device}, expected the device of x, {x.device}"
+        )
     if bias is not None:
         check_tensor("bias", bias)
         if tuple(bias.shape) != (hidden,):
@@ -47,7 +49,9 @@ def check_encode_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if bias.dtype != x.dtype:
             raise TypeError(f"bias: got dtype {bias.dtype}, expected the dtype of x, {x.dtype}")
         if bias.device != x.device:
-            raise ValueError(f"bias: got device {bias.device}, expected the device of x, {x.device}")
+            raise ValueError(
+                f"bias: got device {bias.device}, expected the device of x, {x.device}"
+            )
 
 
 def check_rho(rho: object) -> float:
