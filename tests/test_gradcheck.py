@@ -80,3 +80,31 @@ def test_statistics_alone_backpropagate():
         _, stats_ref = reference.encode(x, w_ref, bias)
         getattr(stats_ref, pick).sum().backward()
         torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def backward_matmuls(x_requires_grad):
+    """The matrix products the backward runs, recorded at the aten level."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, weight, bias = encoder_case(6, 5, 4)
+    x.requires_grad_(x_requires_grad)
+    weight.requires_grad_(True)
+    h, stats = fastae.encode(x, weight, bias, backend="torch")
+    loss = h.sum() + stats.contractive
+    with Record() as record:
+        loss.backward()
+    return [op for op in record.ops if op in ("mm", "addmm", "matmul", "bmm")]
+
+
+def test_the_input_gradient_matmul_is_skipped_when_x_needs_no_gradient():
+    assert len(backward_matmuls(x_requires_grad=True)) == 2
+    assert len(backward_matmuls(x_requires_grad=False)) == 1
