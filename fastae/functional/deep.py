@@ -249,9 +249,7 @@ def deep_contractive_penalty(
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k: got {k!r}, expected a positive integer number of probes")
     if len(codes) != len(layers):
-        raise ValueError(
-            f"codes: got {len(codes)} tensors, expected one per layer ({len(layers)})"
-        )
+        raise ValueError(f"codes: got {len(codes)} tensors, expected one per layer ({len(layers)})")
 
     # f'_l from h_l in the accumulation dtype; the weights follow.
     acc = stats_dtype(codes[0].dtype)
