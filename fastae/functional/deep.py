@@ -11,8 +11,9 @@ for L = 1 only; neither one layer's closed form nor the product of the raw weigh
 Exact (penalty="exact"). J_b is multiplied out from whichever end is cheaper:
 
     code side   q = D_L W_L, then q <- (q D_l) W_l for l = L-1 .. 2: a (B, H_L, H_{l-1}) block;
-                the last factor uses the Gram matrix G = W_1 W_1^T (H_1, H_1), shared by all
-                samples:  ||q D_1 W_1||_F^2 = sum (q D_1 G) * (q D_1).
+                the last factor may use the Gram matrix G = W_1 W_1^T (H_1, H_1), shared by all
+                samples:  ||q D_1 W_1||_F^2 = sum (q D_1 G) * (q D_1), cheaper than forming
+                q D_1 W_1 when H_1 < D and the batch pays for building G.
                 Cost ~ B H_L sum_l H_l H_{l-1}: right for undercomplete encoders (H_L < D).
     input side  t = D_1 W_1, then t <- D_l (W_l t) for l = 2 .. L: a (B, H_l, D) block.
                 Cost ~ B D sum_l H_l H_{l-1}: right when D < H_L.
@@ -149,14 +150,21 @@ def exact_cost(batch: int, widths: Sequence[int]) -> dict[str, int]:
         first = dims[1]
         code_side = batch * code * dims[depth - 1]
         code_side += sum(batch * code * dims[i] * dims[i - 1] for i in range(2, depth))
-        if first < features:
-            code_side += batch * code * first * first + first * first * features
-        else:
-            code_side += batch * code * first * features
+        code_side += _last_factor_cost(batch, code, first, features)
 
     input_side = batch * dims[1] * features
     input_side += sum(batch * features * dims[i] * dims[i - 1] for i in range(2, depth + 1))
     return {"code": code_side, "input": input_side, "forward": forward}
+
+
+def _last_factor_cost(batch: int, code: int, first: int, features: int) -> int:
+    """Multiply-adds of ||q D_1 W_1||_F^2 for q of shape (B, H_L, H_1): the cheaper of the
+    direct product and the Gram route (G = W_1 W_1^T once, then q D_1 G)."""
+    return min(batch * code * first * features, _gram_cost(batch, code, first, features))
+
+
+def _gram_cost(batch: int, code: int, first: int, features: int) -> int:
+    return batch * code * first * first + first * first * features
 
 
 def _exact_code_side(derivs: list[Tensor], weights: list[Tensor]) -> Tensor:
@@ -171,10 +179,13 @@ def _exact_code_side(derivs: list[Tensor], weights: list[Tensor]) -> Tensor:
     for layer in range(depth - 2, 0, -1):
         q = (q * derivs[layer].unsqueeze(1)) @ weights[layer]
 
-    # Last factor D_1 W_1: through the Gram matrix when H_1 < D, directly otherwise.
+    # Last factor D_1 W_1: through the Gram matrix when that is cheaper (H_1 < D and a batch
+    # large enough to pay for building G), directly otherwise.
     q = q * derivs[0].unsqueeze(1)
     first = weights[0]
-    if first.shape[0] < first.shape[1]:
+    batch, code, hidden = q.shape
+    direct = batch * code * hidden * first.shape[1]
+    if _gram_cost(batch, code, hidden, first.shape[1]) < direct:
         return ((q @ (first @ first.t())) * q).sum(dim=(1, 2))
     return (q @ first).square().sum(dim=(1, 2))
 
