@@ -184,14 +184,23 @@ def test_gradcheck_estimate():
     assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-8)
 
 
-def test_gradients_match_reference():
-    widths, activation = [6, 5, 4, 3], "sigmoid"
-    layers = make_layers(widths, activation, requires_grad=True)
-    x = torch.randn(4, widths[0], dtype=F64, requires_grad=True)
+@pytest.mark.parametrize("side", ["code", "input"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradients_match_reference(activation, side):
+    # Plain first-order backward of the penalty against autograd through explicit Jacobians.
+    widths = [6, 5, 4, 3]
+    layers = make_layers(widths, activation)
+    x = relu_safe_input(widths, layers, batch=4)
+    x.requires_grad_(True)
+    for weight, bias, _ in layers:
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
     leaves = [x] + [t for w, b, _ in layers for t in (w, b)]
 
-    got = torch.autograd.grad(fastae.deep_encode(x, layers, penalty="exact").penalty.value, leaves)
-    expected = torch.autograd.grad(jacobian_penalty(plain_encoder(layers), x), leaves)
+    result = fastae.deep_encode(x, layers, penalty="exact", side=side, backend="torch")
+    got = torch.autograd.grad(result.penalty.value, leaves, materialize_grads=True)
+    reference = jacobian_penalty(plain_encoder(layers), x)
+    expected = torch.autograd.grad(reference, leaves, materialize_grads=True)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
@@ -292,6 +301,18 @@ def test_float32_and_leading_dimensions():
     # The per-layer statistics are those of fastae.encode on each layer's input.
     torch.testing.assert_close(result.stats[-1].rho_hat, result.h.reshape(6, 3).mean(0))
     assert len(result.stats) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    layers = make_layers([8, 6, 3], "sigmoid", dtype=dtype)
+    x = torch.randn(5, 8, dtype=dtype)
+    value = fastae.deep_encode(x, layers, penalty="exact").penalty.value
+    assert value.dtype == torch.float32
+    layers64 = [(w.double(), b.double(), act) for w, b, act in layers]
+    expected = jacobian_penalty(plain_encoder(layers64), x.double())
+    # Loose on purpose: the codes h_l themselves are rounded to 8 (bf16) or 11 (fp16) bits.
+    torch.testing.assert_close(value.double(), expected, rtol=2e-2, atol=0)
 
 
 def test_bad_arguments_are_named():
