@@ -330,5 +330,12 @@ def test_bad_arguments_are_named():
         fastae.deep_encode(x, layers, penalty="estimate", k=0)
     with pytest.raises(ValueError, match="side: got 'left'"):
         fastae.deep_encode(x, layers, side="left")
+    with pytest.raises(TypeError, match=r"layers\[1\]: bias: got dtype torch.float32"):
+        fastae.deep_encode(x, [layers[0], (layers[1][0], torch.zeros(2), "tanh")])
+    codes = [torch.rand(2, 3, dtype=F64), torch.rand(2, 3, dtype=F64)]
+    with pytest.raises(ValueError, match=r"codes\[1\]: got shape \(2, 3\), expected \(2, 2\)"):
+        deep_contractive_penalty(codes, layers)
+    with pytest.raises(ValueError, match="codes: got"):
+        deep_contractive_penalty(codes[:1], layers)
     with pytest.raises(ValueError, match="activation: got 'gelu'"):
         fastae.deep_encode(x, [(layers[0][0], None, "gelu")])

@@ -109,8 +109,9 @@ class DeepEncodeResult(NamedTuple):
     """The contractive penalty of the whole encoder x -> h_L."""
 
 
-def _check_layers(layers: object, features: int) -> list[tuple[Tensor, Tensor | None, str]]:
-    """Each layer is (weight (H_l, H_{l-1}), bias (H_l,) or None, activation name)."""
+def _check_layers(layers: object, features: int | None) -> list[tuple[Tensor, Tensor | None, str]]:
+    """Each layer is (weight (H_l, H_{l-1}), bias (H_l,) or None, activation name); H_0 is
+    features, or the width of the first weight when features is None."""
     if not isinstance(layers, Sequence) or len(layers) == 0:
         raise ValueError(
             f"layers: got {layers!r:.80}, expected a non-empty sequence of (weight, bias or "
@@ -127,6 +128,8 @@ def _check_layers(layers: object, features: int) -> list[tuple[Tensor, Tensor | 
         weight, bias, activation = layer
         check_tensor(f"layers[{i}] weight", weight)
         get_activation(activation)
+        if width is None and weight.dim() == 2:
+            width = weight.shape[1]
         if weight.dim() != 2 or weight.shape[1] != width:
             raise ValueError(
                 f"layers[{i}] weight: got shape {tuple(weight.shape)}, expected (H, {width}) to "
@@ -273,8 +276,21 @@ def deep_contractive_penalty(
         raise ValueError(f"probes: got {probes!r}, expected one of {', '.join(PROBES)}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k: got {k!r}, expected a positive integer number of probes")
-    if len(codes) != len(layers):
-        raise ValueError(f"codes: got {len(codes)} tensors, expected one per layer ({len(layers)})")
+    layers = _check_layers(layers, None)
+    if not isinstance(codes, Sequence) or len(codes) != len(layers):
+        raise ValueError(
+            f"codes: got {codes!r:.80}, expected a sequence of {len(layers)} tensors, one per layer"
+        )
+    rows = None
+    for i, (h, (weight, _, _)) in enumerate(zip(codes, layers, strict=True)):
+        check_tensor(f"codes[{i}]", h)
+        count = h.numel() // max(h.shape[-1], 1) if h.dim() >= 1 else 0
+        rows = count if rows is None else rows
+        if h.dim() < 1 or h.shape[-1] != weight.shape[0] or count != rows or count == 0:
+            raise ValueError(
+                f"codes[{i}]: got shape {tuple(h.shape)}, expected ({rows or 'B'}, "
+                f"{weight.shape[0]}) to match layers[{i}] weight of shape {tuple(weight.shape)}"
+            )
 
     # f'_l from h_l in the accumulation dtype; the weights follow.
     acc = stats_dtype(codes[0].dtype)
@@ -343,8 +359,12 @@ def deep_encode(
     h = x.reshape(-1, x.shape[-1])
 
     codes, stats = [], []
-    for weight, bias, activation in checked:
-        check_encode_args(h, weight, bias)
+    for i, (weight, bias, activation) in enumerate(checked):
+        try:
+            check_encode_args(h, weight, bias)
+        except (TypeError, ValueError) as error:
+            # "x" in these messages is this layer's input: x itself or the previous code.
+            raise type(error)(f"layers[{i}]: {error}") from error
         h, layer_stats = encode(h, weight, bias, activation, backend=backend)
         codes.append(h)
         stats.append(layer_stats)
