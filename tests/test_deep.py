@@ -241,6 +241,28 @@ def test_estimate_is_unbiased(k):
     assert abs(var - expected_var) <= 4 * var_standard_error, (var, expected_var)
 
 
+def test_estimate_gradient_is_unbiased():
+    # The estimate is linear in v v^T, so its gradient is an unbiased estimate of the exact one.
+    widths, draws = [5, 4, 3], 1000
+    layers = make_layers(widths, "sigmoid")
+    x = torch.randn(3, widths[0], dtype=F64)
+    weight = layers[0][0].clone().requires_grad_(True)
+    layers = [(weight, layers[0][1], "sigmoid"), layers[1]]
+
+    def gradient(**kwargs):
+        value = fastae.deep_encode(x, layers, **kwargs).penalty.value
+        return torch.autograd.grad(value, weight)[0]
+
+    exact = gradient(penalty="exact")
+    generator = torch.Generator().manual_seed(5)
+    samples = torch.stack(
+        [gradient(penalty="estimate", k=2, generator=generator) for _ in range(draws)]
+    )
+    z = (samples.mean(0) - exact) / (samples.std(0) / math.sqrt(draws))
+    # 20 entries: each within 4 standard errors.
+    assert z.abs().max().item() <= 4.0, z
+
+
 def test_gaussian_probes_are_unbiased():
     widths, draws, k = [5, 4, 2], 2000, 4
     layers = make_layers(widths, "sigmoid")
