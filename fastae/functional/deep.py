@@ -85,7 +85,7 @@ class DeepPenalty(NamedTuple):
     """Scalar, fp32 (fp64 for fp64 inputs): (1/B) sum_b ||dh_L/dx_b||_F^2, exact or estimated."""
 
     method: str
-    """"exact" or "estimate"."""
+    """Either "exact" or "estimate"."""
 
     side: str
     """For "exact": "code" (rows of J from the code side) or "input" (columns from the input
