@@ -24,12 +24,20 @@ from fastae.functional.checks import check_reduction
 from fastae.functional.checks import check_rho
 from fastae.functional.checks import check_tensor
 from fastae.functional.checks import stats_dtype
+from fastae.functional.deep import DeepEncodeResult
+from fastae.functional.deep import DeepPenalty
+from fastae.functional.deep import deep_contractive_penalty
+from fastae.functional.deep import deep_encode
 from fastae.functional.stats import EncodeStats
 from fastae.functional.torch_encode import TorchEncodeFunction
 
 __all__ = [
+    "DeepEncodeResult",
+    "DeepPenalty",
     "EncodeStats",
     "contractive_penalty",
+    "deep_contractive_penalty",
+    "deep_encode",
     "encode",
     "kl_sparsity",
     "resolve_backend",
