@@ -1,0 +1,73 @@
+"""The Triton path of the fused encoder: an autograd.Function around the kernels in
+fastae.kernels (the top-level kernels/ folder).
+
+Forward: one kernel computes h = f(x W^T + b) and, in the same pass, the local sums of the
+statistics (DESIGN section 2) and n_j = sum_k W_jk^2. Backward: two kernels rebuild delta from h
+tile by tile (DESIGN section 3) inside the matmuls for dL/dW (with dL/db and the n_j term) and
+dL/dx; the second is skipped when x needs no gradient.
+
+Only x, W (inputs, not copies), h and the (H,) vector n are saved. With a process group the
+local sums are all-reduced here, as in the PyTorch path (fastae.functional.distributed), and
+the statistic gradients are scaled by stat_grad_scale.
+
+Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (fp32 and fp64 there; fp64
+accumulates in fp64 so gradcheck can run through this Function). fp32 dots use IEEE precision
+unless torch.backends.cuda.matmul.allow_tf32 is set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastae.functional.distributed import all_reduce_sums
+from fastae.functional.distributed import is_distributed
+from fastae.functional.distributed import stat_grad_scale
+from fastae.kernels.encoder_backward import encoder_backward
+from fastae.kernels.encoder_forward import encoder_forward
+
+
+class TritonEncodeFunction(torch.autograd.Function):
+    """h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(x, weight, bias, act, group)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act, process_group):
+        h, contractive_sum, column_sum, l1_sum, n = encoder_forward(x, weight, bias, act.code)
+        count = x.shape[0]
+        total, world = count, 1
+        if is_distributed(process_group):
+            contractive_sum, l1_sum, column_sum, total, world = all_reduce_sums(
+                contractive_sum, l1_sum, column_sum, count, process_group
+            )
+
+        ctx.save_for_backward(x, weight, h, n)
+        ctx.act = act
+        ctx.has_bias = bias is not None
+        ctx.scale = stat_grad_scale(count, total, world)
+        ctx.set_materialize_grads(False)
+        return h, contractive_sum / total, column_sum / total, l1_sum / total
+
+    @staticmethod
+    def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
+        x, weight, h, n = ctx.saved_tensors
+        scale = ctx.scale
+        acc = n.dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if not (need_x or need_w or need_b):
+            return None, None, None, None, None
+
+        # The small vectors and scalars delta needs, already scaled (no host sync).
+        if g_rho_hat is not None:
+            row_scale = g_rho_hat.to(acc) * scale
+        else:
+            row_scale = torch.zeros_like(n)
+        zero = torch.zeros((), dtype=acc, device=n.device)
+        coef_l1 = g_l1.to(acc) * scale if g_l1 is not None else zero
+        coef_contractive = 2 * scale * g_contractive.to(acc) if g_contractive is not None else zero
+        coef = torch.stack([coef_l1.reshape(()), coef_contractive.reshape(())])
+
+        grad_x, grad_w, grad_b = encoder_backward(
+            x, weight, h, n, g_h, row_scale, coef, ctx.act.code, need_input_grad=need_x
+        )
+        grad_w = grad_w if need_w else None
+        grad_b = grad_b.to(weight.dtype) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None
