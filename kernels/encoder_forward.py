@@ -53,7 +53,7 @@ def single_config() -> bool:
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """"ieee" for fp32 dots unless the caller opted into tf32 through
+    """IEEE precision ("ieee") for fp32 dots unless the caller opted into tf32 through
     torch.backends.cuda.matmul.allow_tf32; other dtypes ignore the setting."""
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One short run on a GPU machine that checks and times the Triton kernels:
+#   1. the GPU test tier (pytest -m gpu, compiled kernels, FASTAE_GPU_TESTS=1),
+#   2. the kernel benchmarks (python -m fastae.bench) in fp32 and bf16.
+# Everything goes to one folder, $1 (default benchmarks/results/gpu-<UTC date>), so that the
+# folder can be committed as the record of the run. The whole script stays under 8 minutes:
+# each step has its own `timeout`, and a step that fails or times out does not stop the next.
+#
+# Usage: benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; PYTHON overrides the
+#                                                interpreter, default .venv/bin/python or python)
+set -u
+
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+# The GPU tier runs most tests in torch's deterministic mode (one kernel configuration); cuBLAS
+# needs this workspace setting to be deterministic there.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+# Test and benchmark budgets (seconds): 300 + 150 + ~10 for the environment report < 480.
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+
+# The machine, for the record.
+{
+    date -u
+    git rev-parse HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available() and \
+torch.cuda.get_device_name())" 2>&1
+} > "$OUT/environment.txt"
+
+# 1. GPU test tier.
+FASTAE_GPU_TESTS=1 timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -m gpu tests/ -rA \
+    --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
+TEST_RC=$?
+echo "gpu tests: exit $TEST_RC (124 = timed out after ${TEST_TIMEOUT}s)" | tee "$OUT/summary.txt"
+
+# 2. Kernel benchmarks.
+if "$PYTHON" -c "import importlib.util, sys; \
+sys.exit(importlib.util.find_spec('fastae.bench') is None)" 2>/dev/null; then
+    timeout "$BENCH_TIMEOUT" "$PYTHON" -m fastae.bench --device cuda --dtype fp32,bf16 \
+        --out "$OUT" > "$OUT/bench.txt" 2>&1
+    BENCH_RC=$?
+    echo "benchmarks: exit $BENCH_RC (124 = timed out after ${BENCH_TIMEOUT}s)" \
+        | tee -a "$OUT/summary.txt"
+else
+    BENCH_RC=2
+    echo "benchmarks: NOT RUN: module fastae.bench not found (python -m fastae.bench)" \
+        | tee -a "$OUT/summary.txt" "$OUT/bench.txt"
+fi
+
+echo "results in $OUT" | tee -a "$OUT/summary.txt"
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
