@@ -4,6 +4,7 @@ samples reproduce the one-process run on the 8 samples, after DDP-style gradient
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,13 +15,15 @@ import fastae
 LOCAL_SIZES = (3, 5)
 
 
-def penalty_loss(x, weight, bias, process_group=None):
-    _, stats = fastae.encode(x, weight, bias, "sigmoid", process_group=process_group)
+def penalty_loss(x, weight, bias, process_group=None, backend="torch"):
+    _, stats = fastae.encode(
+        x, weight, bias, "sigmoid", backend=backend, process_group=process_group
+    )
     loss = 0.7 * stats.contractive + 2.0 * fastae.kl_sparsity(stats.rho_hat, 0.1) + 0.3 * stats.l1
     return loss, stats
 
 
-def _rank_main(rank, world, init_file, out_dir):
+def _rank_main(rank, world, init_file, out_dir, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         x, weight, bias = encoder_case(sum(LOCAL_SIZES), 6, 4, seed=11)
@@ -29,7 +32,7 @@ def _rank_main(rank, world, init_file, out_dir):
         weight.requires_grad_(True)
         bias.requires_grad_(True)
 
-        loss, stats = penalty_loss(x_local, weight, bias, dist.group.WORLD)
+        loss, stats = penalty_loss(x_local, weight, bias, dist.group.WORLD, backend)
         loss.backward()
         # What DistributedDataParallel does to parameter gradients: the mean over ranks.
         for param in (weight, bias):
@@ -49,9 +52,12 @@ def _rank_main(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_ranks_of_3_and_5_samples_equal_one_process_on_8():
+# The Triton backend runs under the interpreter here (the ranks inherit TRITON_INTERPRET=1).
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_ranks_of_3_and_5_samples_equal_one_process_on_8(backend):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_main, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        args = (2, os.path.join(tmp, "init"), tmp, backend)
+        mp.spawn(_rank_main, args=args, nprocs=2, join=True)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
 
     x, weight, bias = encoder_case(sum(LOCAL_SIZES), 6, 4, seed=11)
