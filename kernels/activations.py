@@ -3,12 +3,14 @@
 The kernels save only h, so the derivatives are written in terms of h exactly as in
 fastae/activations.py (DESIGN section 1). ACTIVATION is the constexpr `Activation.code`:
 
-    code  activation  f(a)                               f'(a) from h     f''(a) from h
-    0     sigmoid     1 / (1 + e^-a)                     h (1 - h)        f' (1 - 2h)
-    1     tanh        sign(a) -m / (2 + m), m = e^-2|a| - 1    1 - h^2          -2 h f'
-    2     relu        max(a, 0)                          1[h > 0]         0
-    3     softplus    max(a, 0) + log(1 + e^-|a|)        -(e^-h - 1)      f' e^-h
-    4     identity    a                                  1                0
+    code  activation  f(a)                             f'(a) from h   f''(a) from h
+    0     sigmoid     1 / (1 + e^-a)                   h (1 - h)      f' (1 - 2h)
+    1     tanh        sign(a) (-m) / (2 + m)           1 - h^2        -2 h f'
+    2     relu        max(a, 0)                        1[h > 0]       0
+    3     softplus    max(a, 0) + log(1 + e^-|a|)      -(e^-h - 1)    f' e^-h
+    4     identity    a                                1              0
+
+with m = e^(-2|a|) - 1 in (-1, 0].
 
 Triton has no tanh, expm1 or log1p that the interpreter also runs, so they are built here from
 exp and log. Near 0, `exp(x) - 1` and `log(1 + t)` cancel catastrophically (tanh(1e-4) would
@@ -31,20 +33,22 @@ _LOG1P_SERIES_BOUND: tl.constexpr = 0.25
 @triton.jit
 def _expm1(x):
     """e^x - 1, accurate in relative terms for every x <= 0 (and small positive x)."""
-    # Horner form of sum_{k=1..13} x^k / k!.
-    p = x * 1.6059043836821613e-10 + 2.08767569878681e-09
-    p = p * x + 2.505210838544172e-08
-    p = p * x + 2.755731922398589e-07
-    p = p * x + 2.7557319223985893e-06
-    p = p * x + 2.48015873015873e-05
-    p = p * x + 0.0001984126984126984
-    p = p * x + 0.001388888888888889
-    p = p * x + 0.008333333333333333
-    p = p * x + 0.041666666666666664
-    p = p * x + 0.16666666666666666
-    p = p * x + 0.5
-    p = p * x + 1.0
-    return tl.where(tl.abs(x) < _EXPM1_SERIES_BOUND, p * x, tl.exp(x) - 1.0)
+    # Horner form of sum_{k=1..13} x^k / k!, fed 0 where it is not used so it cannot overflow.
+    small = tl.abs(x) < _EXPM1_SERIES_BOUND
+    xs = tl.where(small, x, 0.0)
+    p = xs * 1.6059043836821613e-10 + 2.08767569878681e-09
+    p = p * xs + 2.505210838544172e-08
+    p = p * xs + 2.755731922398589e-07
+    p = p * xs + 2.7557319223985893e-06
+    p = p * xs + 2.48015873015873e-05
+    p = p * xs + 0.0001984126984126984
+    p = p * xs + 0.001388888888888889
+    p = p * xs + 0.008333333333333333
+    p = p * xs + 0.041666666666666664
+    p = p * xs + 0.16666666666666666
+    p = p * xs + 0.5
+    p = p * xs + 1.0
+    return tl.where(small, p * xs, tl.exp(x) - 1.0)
 
 
 @triton.jit
