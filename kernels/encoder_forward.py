@@ -232,19 +232,19 @@ def encoder_forward(
         "PRECISION": dot_precision(x.dtype, x.device),
         "BLOCK_B": block_b,
     }
+
+    def grid(config):
+        return (row_blocks, triton.cdiv(hidden, config["BLOCK_H"]))
+
     if single_config():
-        block = BLOCK_INTERPRET if interpreted() else None
-        config = _gpu_configs()[0]
-        block_h = block or config.kwargs["BLOCK_H"]
-        block_d = block or config.kwargs["BLOCK_D"]
-        grid = (row_blocks, triton.cdiv(hidden, block_h))
-        extra = {} if interpreted() else {"num_warps": config.num_warps}
-        _encoder_forward_kernel[grid](*args, **meta, BLOCK_H=block_h, BLOCK_D=block_d, **extra)
+        if interpreted():
+            block = {"BLOCK_H": BLOCK_INTERPRET, "BLOCK_D": BLOCK_INTERPRET}
+        else:
+            config = _gpu_configs()[0]
+            block = {**config.kwargs, "num_warps": config.num_warps}
+            block["num_stages"] = config.num_stages
+        _encoder_forward_kernel[grid(block)](*args, **meta, **block)
     else:
-
-        def grid(config):
-            return (row_blocks, triton.cdiv(hidden, config["BLOCK_H"]))
-
         _tuned_kernel()[grid](*args, **meta)
 
     # Fixed-order reductions of the partial buffers (deterministic for a fixed shape).
