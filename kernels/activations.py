@@ -24,10 +24,10 @@ import triton.language as tl
 # Below this |x| the series for e^x - 1 is used: 0.25^14 / 14! < 1e-19, so thirteen terms are
 # exact in fp64, while above it e^x - 1 loses at most a factor 1 / (1 - e^-0.25) ~ 4.5 in
 # relative error, i.e. about two bits.
-_EXPM1_SERIES_BOUND: tl.constexpr = 0.25
+_EXPM1_SERIES_BOUND = tl.constexpr(0.25)
 # Below this t the series for log(1 + t) is used: with s = t / (2 + t) < 1/9, nine terms of
 # 2 (s + s^3/3 + ...) reach 1e-19; above it 1 + t >= 1.25 and log(1 + t) has no cancellation.
-_LOG1P_SERIES_BOUND: tl.constexpr = 0.25
+_LOG1P_SERIES_BOUND = tl.constexpr(0.25)
 
 
 @triton.jit

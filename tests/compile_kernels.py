@@ -1,0 +1,76 @@
+"""Compile the Triton kernels for an NVIDIA target without a GPU (ahead of time, to a cubin).
+
+The interpreter runs kernels as Python and so accepts code that the compiler rejects (a global
+that is not a tl.constexpr, a dot shape or dtype the GPU lowering refuses). Compiling for sm_90
+with the ptxas that ships with triton catches those errors on a CPU-only machine. Run by
+tests/test_kernel_compile.py in a process without TRITON_INTERPRET:
+
+    python tests/compile_kernels.py
+"""
+
+import os
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastae.activations import ACTIVATIONS
+from fastae.kernels import encoder_backward
+from fastae.kernels import encoder_forward
+
+TARGET = GPUTarget("cuda", 90, 32)
+# Pointer arguments that hold data in the input dtype; all others hold accumulation-dtype data.
+INPUT_DTYPE_POINTERS = {"x_ptr", "w_ptr", "b_ptr", "h_ptr", "g_h_ptr", "grad_w_ptr", "grad_x_ptr"}
+
+
+def compile_kernel(kernel, constexprs, input_dtype, acc_dtype, config):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (input_dtype if name in INPUT_DTYPE_POINTERS else acc_dtype)
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    triton.compile(source, target=TARGET, options=options)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
+        return 2
+    forward_config = encoder_forward._gpu_configs()[0]
+    weight_config = encoder_backward._gpu_configs("BLOCK_H", "BLOCK_B")[0]
+    input_config = encoder_backward._gpu_configs("BLOCK_B", "BLOCK_H")[0]
+    cases = [(name, "fp32", "ieee") for name in ACTIVATIONS]
+    cases += [("tanh", "fp32", "tf32"), ("softplus", "bf16", "ieee"), ("sigmoid", "fp16", "ieee")]
+    for name, dtype, precision in cases:
+        common = {
+            "ACTIVATION": ACTIVATIONS[name].code,
+            "ACC_DTYPE": tl.float32,
+            "PRECISION": precision,
+        }
+        compile_kernel(
+            encoder_forward._encoder_forward_kernel,
+            {**common, "HAS_BIAS": True, "BLOCK_B": encoder_forward.BLOCK_B_GPU}
+            | forward_config.kwargs,
+            dtype,
+            "fp32",
+            forward_config,
+        )
+        for kernel, config in (
+            (encoder_backward._encoder_backward_weight_kernel, weight_config),
+            (encoder_backward._encoder_backward_input_kernel, input_config),
+        ):
+            constexprs = {**common, "HAS_GRAD_H": True} | config.kwargs
+            compile_kernel(kernel, constexprs, dtype, "fp32", config)
+        print(f"compiled {name} {dtype} {precision}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
