@@ -312,6 +312,7 @@ def encoder_backward(
     coef: torch.Tensor,
     activation_code: int,
     need_input_grad: bool,
+    need_weight_grad: bool = True,
 ):
     """Launch the fused backward.
 
@@ -323,10 +324,11 @@ def encoder_backward(
         coef: (2,) [s g_A, 2 s g_C] in the accumulation dtype.
         activation_code: `Activation.code`.
         need_input_grad: whether to launch the dL/dx kernel.
+        need_weight_grad: whether to launch the dL/dW kernel (which also yields dL/db).
 
     Returns:
-        grad_x (B, D) in the dtype of x or None, grad_w (H, D) in the dtype of W, and grad_b
-        (H,) in the accumulation dtype.
+        grad_x (B, D) in the dtype of x, grad_w (H, D) in the dtype of W and grad_b (H,) in the
+        accumulation dtype; None for a kernel not launched.
     """
     batch, features = x.shape
     hidden = weight.shape[0]
@@ -344,20 +346,25 @@ def encoder_backward(
     fixed = single_config()
 
     # grad w.r.t. weight and bias
-    grad_w = torch.empty((hidden, features), dtype=weight.dtype, device=x.device)
-    grad_b = torch.empty((hidden,), dtype=acc, device=x.device)
-    args = (x, weight, h, g_h, row_scale, n, coef, grad_w, grad_b, batch, features, hidden)
-    args += (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
-    args += (h.stride(0), h.stride(1), g_h.stride(0), g_h.stride(1))
+    grad_w = grad_b = None
+    if need_weight_grad:
+        grad_w = torch.empty((hidden, features), dtype=weight.dtype, device=x.device)
+        grad_b = torch.empty((hidden,), dtype=acc, device=x.device)
+        args = (x, weight, h, g_h, row_scale, n, coef, grad_w, grad_b, batch, features, hidden)
+        args += (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+        args += (h.stride(0), h.stride(1), g_h.stride(0), g_h.stride(1))
 
-    def weight_grid(config):
-        return (triton.cdiv(hidden, config["BLOCK_H"]), triton.cdiv(features, config["BLOCK_D"]))
+        def weight_grid(config):
+            return (
+                triton.cdiv(hidden, config["BLOCK_H"]),
+                triton.cdiv(features, config["BLOCK_D"]),
+            )
 
-    if fixed:
-        block = _fixed_meta(_gpu_configs("BLOCK_H", "BLOCK_B"))
-        _encoder_backward_weight_kernel[weight_grid(block)](*args, **meta, **block)
-    else:
-        _tuned_weight_kernel()[weight_grid](*args, **meta)
+        if fixed:
+            block = _fixed_meta(_gpu_configs("BLOCK_H", "BLOCK_B"))
+            _encoder_backward_weight_kernel[weight_grid(block)](*args, **meta, **block)
+        else:
+            _tuned_weight_kernel()[weight_grid](*args, **meta)
 
     # grad w.r.t. input
     grad_x = None

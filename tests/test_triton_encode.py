@@ -234,3 +234,17 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert "backend: got 'triton' for tensors on cpu" in out
+
+
+def test_weight_kernel_skipped_when_only_x_needs_a_gradient(monkeypatch):
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("the dL/dW kernel was launched for a frozen W and b")
+
+    monkeypatch.setattr(backward_module, "_encoder_backward_weight_kernel", Forbidden())
+    monkeypatch.setattr(backward_module, "_tuned_weight_kernel", Forbidden)
+    x, weight, bias = encoder_case(9, 18, 17, seed=12, dtype=torch.float32)
+    x.requires_grad_(True)
+    got = run(x, weight, bias, "softplus", "triton", inputs=[x])
+    want = run(x, weight, bias, "softplus", "reference", inputs=[x])
+    torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-5 * want[4].abs().max().item())

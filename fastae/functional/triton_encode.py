@@ -66,8 +66,17 @@ class TritonEncodeFunction(torch.autograd.Function):
         coef = torch.stack([coef_l1.reshape(()), coef_contractive.reshape(())])
 
         grad_x, grad_w, grad_b = encoder_backward(
-            x, weight, h, n, g_h, row_scale, coef, ctx.act.code, need_input_grad=need_x
+            x,
+            weight,
+            h,
+            n,
+            g_h,
+            row_scale,
+            coef,
+            ctx.act.code,
+            need_input_grad=need_x,
+            need_weight_grad=need_w or (need_b and ctx.has_bias),
         )
         grad_w = grad_w if need_w else None
-        grad_b = grad_b.to(weight.dtype) if need_b and ctx.has_bias else None
+        grad_b = grad_b.to(weight.dtype) if grad_b is not None and need_b else None
         return grad_x, grad_w, grad_b, None, None
