@@ -101,21 +101,21 @@ def _encoder_backward_weight_kernel(
     B,  # number of samples
     D,  # number of features
     H,  # number of hidden units
-    stride_xb,
-    stride_xd,
-    stride_wh,
-    stride_wd,
-    stride_hb,
-    stride_hh,
-    stride_gb,
-    stride_gh,
-    HAS_GRAD_H: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    stride_xb,  # x: elements between samples
+    stride_xd,  # x: elements between features
+    stride_wh,  # W: elements between rows (hidden units)
+    stride_wd,  # W: elements between features
+    stride_hb,  # h: elements between samples
+    stride_hh,  # h: elements between hidden units
+    stride_gb,  # g_h: elements between samples
+    stride_gh,  # g_h: elements between hidden units
+    HAS_GRAD_H: tl.constexpr,  # whether g_h_ptr holds g_h
+    ACTIVATION: tl.constexpr,  # Activation.code: 0 sigmoid ... 4 identity
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    PRECISION: tl.constexpr,  # "ieee", or "tf32" when the caller opted in
+    BLOCK_B: tl.constexpr,  # samples per tile
+    BLOCK_H: tl.constexpr,  # hidden units per tile
+    BLOCK_D: tl.constexpr,  # features per tile
 ):
     pid_h = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -193,19 +193,19 @@ def _encoder_backward_input_kernel(
     B,  # number of samples
     D,  # number of features
     H,  # number of hidden units
-    stride_wh,
-    stride_wd,
-    stride_hb,
-    stride_hh,
-    stride_gb,
-    stride_gh,
-    HAS_GRAD_H: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    stride_wh,  # W: elements between rows (hidden units)
+    stride_wd,  # W: elements between features
+    stride_hb,  # h: elements between samples
+    stride_hh,  # h: elements between hidden units
+    stride_gb,  # g_h: elements between samples
+    stride_gh,  # g_h: elements between hidden units
+    HAS_GRAD_H: tl.constexpr,  # whether g_h_ptr holds g_h
+    ACTIVATION: tl.constexpr,  # Activation.code: 0 sigmoid ... 4 identity
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    PRECISION: tl.constexpr,  # "ieee", or "tf32" when the caller opted in
+    BLOCK_B: tl.constexpr,  # samples per tile
+    BLOCK_H: tl.constexpr,  # hidden units per tile
+    BLOCK_D: tl.constexpr,  # features per tile
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
