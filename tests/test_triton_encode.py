@@ -248,3 +248,21 @@ def test_weight_kernel_skipped_when_only_x_needs_a_gradient(monkeypatch):
     got = run(x, weight, bias, "softplus", "triton", inputs=[x])
     want = run(x, weight, bias, "softplus", "reference", inputs=[x])
     torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-5 * want[4].abs().max().item())
+
+
+def test_saves_x_w_h_and_n_only():
+    x, weight, bias = leaves(24, 20, 18, "sigmoid", seed=13)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        h, _ = fastae.encode(x, weight, bias, backend="triton")
+
+    assert len(saved) == 4
+    assert saved[0].data_ptr() == x.data_ptr() and saved[1].data_ptr() == weight.data_ptr()
+    assert saved[2].data_ptr() == h.data_ptr()
+    assert saved[3].shape == (18,)
+    torch.testing.assert_close(saved[3], weight.detach().square().sum(1), rtol=1e-6, atol=0)
