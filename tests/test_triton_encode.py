@@ -266,3 +266,22 @@ def test_saves_x_w_h_and_n_only():
     assert saved[2].data_ptr() == h.data_ptr()
     assert saved[3].shape == (18,)
     torch.testing.assert_close(saved[3], weight.detach().square().sum(1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_fp16_within_the_gpu_tier_tolerance(activation):
+    # Normwise relative error against the fp32 reference on the same fp16 inputs; h and delta
+    # are rounded to fp16 (2^-11) on the way, hence the loose bound (the GPU tier's).
+    x, weight, bias = leaves(40, 40, 40, activation, dtype=torch.float16, seed=14)
+    got = run(x, weight, bias, activation, "triton")
+    inputs = [t.detach().float().requires_grad_(True) for t in (x, weight, bias)]
+    want = run(*inputs, activation, "reference")
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        error = ((a.float() - b).norm() / b.norm()).item()
+        assert error < 4e-3, f"{name}: normwise error {error:.3g}"
+
+
+def test_bf16_under_the_interpreter_is_refused():
+    x, weight, bias = encoder_case(4, 16, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x: got dtype torch.bfloat16 under TRITON_INTERPRET"):
+        fastae.encode(x, weight, bias, backend="triton")

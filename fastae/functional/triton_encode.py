@@ -24,6 +24,18 @@ from fastae.functional.distributed import is_distributed
 from fastae.functional.distributed import stat_grad_scale
 from fastae.kernels.encoder_backward import encoder_backward
 from fastae.kernels.encoder_forward import encoder_forward
+from fastae.kernels.encoder_forward import interpreted
+
+
+def _check_interpretable(x: torch.Tensor) -> None:
+    # Triton's interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
+    # (triton-lang/triton#11584), which would give silently wrong numbers.
+    if x.dtype == torch.bfloat16 and interpreted():
+        raise TypeError(
+            "x: got dtype torch.bfloat16 under TRITON_INTERPRET=1, expected float16, float32 or "
+            "float64: Triton's interpreter computes bf16 dots wrongly; use a CUDA device or "
+            "backend='torch' for bf16 on the CPU"
+        )
 
 
 class TritonEncodeFunction(torch.autograd.Function):
@@ -31,6 +43,7 @@ class TritonEncodeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, act, process_group):
+        _check_interpretable(x)
         h, contractive_sum, column_sum, l1_sum, n = encoder_forward(x, weight, bias, act.code)
         count = x.shape[0]
         total, world = count, 1
