@@ -10,9 +10,11 @@ Only x, W (inputs, not copies), h and the (H,) vector n are saved. With a proces
 local sums are all-reduced here, as in the PyTorch path (fastae.functional.distributed), and
 the statistic gradients are scaled by stat_grad_scale.
 
-Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (fp32 and fp64 there; fp64
-accumulates in fp64 so gradcheck can run through this Function). fp32 dots use IEEE precision
-unless torch.backends.cuda.matmul.allow_tf32 is set.
+Runs on CUDA tensors (fp16, bf16, fp32, fp64), or on CPU tensors under TRITON_INTERPRET=1
+(fp16, fp32 and fp64 there: the interpreter computes bf16 dots wrongly, so bf16 is refused with
+an error). fp64 accumulates in fp64, so gradcheck can run through this Function; every other
+dtype accumulates in fp32. fp32 dots use IEEE precision unless the caller opted into tf32 through
+torch.backends.cuda.matmul.allow_tf32.
 """
 
 from __future__ import annotations
