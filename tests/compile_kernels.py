@@ -48,10 +48,12 @@ def main() -> int:
     input_config = encoder_backward._gpu_configs("BLOCK_B", "BLOCK_H")[0]
     cases = [(name, "fp32", "ieee") for name in ACTIVATIONS]
     cases += [("tanh", "fp32", "tf32"), ("softplus", "bf16", "ieee"), ("sigmoid", "fp16", "ieee")]
+    cases += [("tanh", "fp64", "ieee")]
     for name, dtype, precision in cases:
+        acc = "fp64" if dtype == "fp64" else "fp32"
         common = {
             "ACTIVATION": ACTIVATIONS[name].code,
-            "ACC_DTYPE": tl.float32,
+            "ACC_DTYPE": tl.float64 if dtype == "fp64" else tl.float32,
             "PRECISION": precision,
         }
         compile_kernel(
@@ -59,7 +61,7 @@ def main() -> int:
             {**common, "HAS_BIAS": True, "BLOCK_B": encoder_forward.BLOCK_B_GPU}
             | forward_config.kwargs,
             dtype,
-            "fp32",
+            acc,
             forward_config,
         )
         for kernel, config in (
@@ -67,7 +69,7 @@ def main() -> int:
             (encoder_backward._encoder_backward_input_kernel, input_config),
         ):
             constexprs = {**common, "HAS_GRAD_H": True} | config.kwargs
-            compile_kernel(kernel, constexprs, dtype, "fp32", config)
+            compile_kernel(kernel, constexprs, dtype, acc, config)
         print(f"compiled {name} {dtype} {precision}", flush=True)
     return 0
 
