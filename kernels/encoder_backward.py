@@ -8,8 +8,9 @@ and g_C for contractive, s the per-sample scale (1/B on one process) and f', f''
     dL/dW = delta^T x + 2 s g_C (sum_b f'_bj^2) W_j            (H, D)
     dL/db = sum_b delta_bj                                     (H,)
 
-The launcher folds the scalars into `row_scale` (H,) = s g_r and `coef` (2,) = [s g_A, 2 s g_C],
-so no value needs a host sync. delta is never written to memory: it costs a few flops per
+The autograd Function folds the upstream gradients of the statistics into `row_scale` (H,) =
+s g_r and `coef` (2,) = [s g_A, 2 s g_C], device tensors that the kernels load, so no value needs
+a host sync. delta is never written to memory: it costs a few flops per
 element of h, far less than the (B, H) round trip through memory it replaces.
 
 Tiling of the dL/dW kernel: program (j, k) owns the tile W[cols, k:k+BLOCK_D] and loops over the
@@ -20,7 +21,7 @@ programs with k = 0 store the delta sums as dL/db, so each entry has exactly one
 
 Tiling of the dL/dx kernel: program (m, k) owns dx[rows, k:k+BLOCK_D] and loops over the hidden
 units in blocks of BLOCK_H, rebuilding delta for (rows, cols) and accumulating delta W. It is
-launched only when x needs a gradient.
+launched only when x needs a gradient, the dL/dW kernel only when W or b does.
 
 Both kernels accumulate in fp32 (fp64 for fp64 inputs); delta enters tl.dot in the dtype of x,
 as the PyTorch path does, so fp16/bf16 use tensor cores.
