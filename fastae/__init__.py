@@ -8,6 +8,8 @@ See README.md for the command line and the models.
 """
 
 from fastae import activations
+from fastae import models
+from fastae import nn
 from fastae import reference
 from fastae.functional import EncodeStats
 from fastae.functional import contractive_penalty
@@ -22,5 +24,7 @@ __all__ = [
     "contractive_penalty",
     "encode",
     "kl_sparsity",
+    "models",
+    "nn",
     "reference",
 ]

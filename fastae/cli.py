@@ -465,7 +465,8 @@ def _format_value(key: str, value) -> str:
 
 def _markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| " + " | ".join(title for _, title in _COMPARE_COLUMNS) + " |",
+        # A "|" inside a cell would end it: escaped.
+        "| " + " | ".join(title.replace("|", "\\|") for _, title in _COMPARE_COLUMNS) + " |",
         "|" + "|".join("---" for _ in _COMPARE_COLUMNS) + "|",
     ]
     for row in rows:

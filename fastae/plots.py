@@ -100,20 +100,34 @@ def codes_2d(path: str, codes: np.ndarray, labels: np.ndarray | None) -> None:
     _save(fig, path)
 
 
-def compare_bars(path: str, rows: list[dict], metrics: list[tuple[str, str]]) -> None:
-    """One horizontal bar chart per (key, title) in metrics; rows hold "model" and the keys."""
+def compare_bars(
+    path: str, rows: list[dict], metrics: list[tuple[str, str]], higher_is_better=("near_zero",)
+) -> None:
+    """One horizontal bar chart per (key, title) in metrics, with the values written on the bars;
+    rows hold "model" and the keys. The best model of each chart is orange (the lowest value,
+    or the highest for keys in higher_is_better)."""
     names = [row["model"] for row in rows]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(rows) + 1.2))
-    for ax, (key, title) in zip(np.atleast_1d(axes), metrics, strict=True):
-        values = [row[key] for row in rows]
-        best = int(np.argmin(values))
+    columns = 3
+    grid_rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(
+        grid_rows, columns, figsize=(4.2 * columns, (0.38 * len(rows) + 1.0) * grid_rows),
+        squeeze=False,
+    )  # fmt: skip
+    for index, ax in enumerate(axes.flat):
+        if index >= len(metrics):
+            ax.set_visible(False)
+            continue
+        key, title = metrics[index]
+        values = [float(row[key]) for row in rows]
+        best = int(np.argmax(values) if key in higher_is_better else np.argmin(values))
         colors = ["tab:orange" if i == best else "tab:blue" for i in range(len(values))]
         ax.barh(names, values, color=colors)
+        for i, value in enumerate(values):
+            ax.text(value, i, f" {value:.3g}", va="center", fontsize=7)
+        ax.set_xlim(0, max(values) * 1.3 if max(values) > 0 else 1)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
-        if ax is not np.atleast_1d(axes)[0]:
-            ax.set_yticklabels([])
-    fig.suptitle("validation metrics (orange: lowest)", fontsize=10)
+    fig.suptitle("validation metrics (orange: best of each)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
