@@ -175,12 +175,17 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage block above it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastae.models import VARIANTS
 
-    parser = argparse.ArgumentParser(
-        prog="fastae", description="Train, compare and evaluate autoencoders."
-    )
+    parser = _Parser(prog="fastae", description="Train, compare and evaluate autoencoders.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser("train", help="train one autoencoder")
