@@ -162,7 +162,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=_positive_int, default=None, help="default 100")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default 32")
     parser.add_argument("--lr", type=_positive, default=None, help="Adam learning rate (0.01)")
-    parser.add_argument("--lambda", dest="lam", type=_nonnegative, default=None,
+    parser.add_argument("--lambda", dest="lam", metavar="LAMBDA", type=_nonnegative, default=None,
                         help="contractive weight (0.03)")  # fmt: skip
     parser.add_argument("--beta", type=_nonnegative, default=None, help="KL weight (0.1)")
     parser.add_argument("--rho", type=_open_unit, default=None, help="KL target (0.05)")
