@@ -51,6 +51,20 @@ def test_train_writes_run_and_eval_reports_the_same_metrics(tmp_path):
     assert f"val MSE {summary['mse']:.5f}" in evaluated.stdout
     assert f"mean ||J||_F^2 {summary['jacobian']:.4g}" in evaluated.stdout
 
+    # Another data file, scaled with the run's scaler; a file of the wrong width is refused.
+    from fastae.data import load_dataset
+
+    np.save(tmp_path / "some.npy", load_dataset("digits").x[:50])
+    np.save(tmp_path / "wide.npy", np.zeros((5, 65)))
+    other = _run(["eval", str(out), "--data", "some.npy"], tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert "all 50 samples of some.npy" in other.stdout
+    wide = _run(["eval", str(out), "--data", "wide.npy"], tmp_path)
+    assert wide.returncode == 2
+    assert wide.stderr.strip() == (
+        "fastae eval: error: --data: got 65 features, expected 64 (the run's model)"
+    )
+
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "run"
