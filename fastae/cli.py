@@ -85,6 +85,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= 0")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -171,7 +181,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                         help="corruption KIND:LEVEL, KIND in gaussian, masking, salt-and-pepper "
                         "(masking:0.3)")  # fmt: skip
     parser.add_argument("--val-fraction", type=_open_unit, default=None, help="default 0.2")
-    parser.add_argument("--seed", type=int, default=None, help="default 0")
+    parser.add_argument("--seed", type=_nonnegative_int, default=None, help="default 0")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
 
 

@@ -62,13 +62,13 @@ def load_dataset(source: str, label_column: str | int | None = None) -> Dataset:
         label_column: for CSV files, the column holding the labels (its header name, or its
             0-based index); None for no labels.
     """
+    if label_column is not None and not str(source).lower().endswith(".csv"):
+        raise DataError(f"{source}: a label column applies to CSV files only")
     if source in NAMED:
         return _digits()
     if not os.path.isfile(source):
         raise DataError(f"{source}: no such file (expected a file or one of {', '.join(NAMED)})")
     lower = source.lower()
-    if label_column is not None and not lower.endswith(".csv"):
-        raise DataError(f"{source}: a label column applies to CSV files only")
     if lower.endswith(".npy"):
         dataset = _npy(source)
     elif lower.endswith(".npz"):

@@ -269,10 +269,7 @@ class Autoencoder(torch.nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """The code h_k of x: (B, D) -> (B, H_k). No corruption (that belongs to training)."""
-        h = x
-        for layer in self.encoder:
-            h = layer(h)
-        return h
+        return self._encode_layers(x)[-1]
 
     def decode_logits(self, h: Tensor) -> Tensor:
         """The pre-activation of the reconstruction: (B, H_k) -> (B, D)."""

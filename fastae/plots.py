@@ -39,7 +39,12 @@ def reconstructions(
     Samples that are not images are drawn as 1 x D strips."""
     count = min(12, x.shape[0])
     shape = image_shape or (1, x.shape[1])
-    rows = [("input", x), ("corrupted", x_tilde), ("reconstruction", x_hat)]
+    aspect = "equal" if image_shape else "auto"
+    rows = [
+        ("input", x),
+        ("corrupted", x_tilde),
+        ("reconstruction" if x_tilde is None else "reconstructed\nfrom corrupted", x_hat),
+    ]
     rows = [(name, data) for name, data in rows if data is not None]
     fig, axes = plt.subplots(
         len(rows), count, figsize=(1.1 * count, 1.25 * len(rows)), squeeze=False
@@ -47,7 +52,7 @@ def reconstructions(
     for r, (name, data) in enumerate(rows):
         for c in range(count):
             ax = axes[r, c]
-            ax.imshow(data[c].reshape(shape), cmap="gray_r", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.imshow(data[c].reshape(shape), cmap="gray_r", vmin=0.0, vmax=1.0, aspect=aspect)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -135,6 +135,8 @@ def _bad_files(tmp_path):
         (["train", "--gamma", "0.1"], "--gamma: applies to --variant sparse-l1"),
         (["train", "--variant", "sparse-l1", "--gamma", "0"], "--gamma: got 0"),
         (["train", "--epochs", "0"], "argument --epochs: got '0'"),
+        (["train", "--seed", "-1"], "argument --seed: got '-1'"),
+        (["train", "--label-column", "3"], "--data: digits: a label column applies to CSV"),
         (["train", "--resume"], "--resume: needs --out"),
         (["train", "--resume", "--out", "empty"], "--out: empty: no checkpoint found"),
         (["compare", "--hidden", "65"], "--hidden: got a code of 65 units"),
