@@ -165,6 +165,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    from fastae.activations import ACTIVATIONS
+
     _add_data_flags(parser)
     parser.add_argument(
         "--hidden", type=_widths, default=None, help="encoder widths, e.g. 8 or 32,8 (default 8)"
@@ -180,6 +182,21 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=_noise, default=None,
                         help="corruption KIND:LEVEL, KIND in gaussian, masking, salt-and-pepper "
                         "(masking:0.3)")  # fmt: skip
+    parser.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        default=None,
+        help="of the encoder layers (sigmoid; sparse-kl needs sigmoid)",
+    )
+    parser.add_argument(
+        "--reconstruction", choices=("mse", "bce"), default=None, help="the loss (mse)"
+    )
+    parser.add_argument(
+        "--tied",
+        action="store_true",
+        default=None,
+        help="decoder weights = transposed encoder weights",
+    )
     parser.add_argument("--val-fraction", type=_open_unit, default=None, help="default 0.2")
     parser.add_argument("--seed", type=_nonnegative_int, default=None, help="default 0")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
@@ -251,6 +268,14 @@ def _set_threads(device: str, model) -> None:
         torch.set_num_threads(1)
 
 
+def _source(data: str | None) -> str:
+    """The data source as stored in a run: a name, or an absolute path (runs resume anywhere)."""
+    from fastae.data import NAMED
+
+    data = data or "digits"
+    return data if data in NAMED else os.path.abspath(data)
+
+
 def _load_split(source: str, label_column, val_fraction: float, seed: int):
     from fastae.data import DataError
     from fastae.data import load_dataset
@@ -261,6 +286,12 @@ def _load_split(source: str, label_column, val_fraction: float, seed: int):
         return dataset, prepare(dataset, val_fraction, seed)
     except DataError as error:
         raise UsageError(f"--data: {error}") from None
+
+
+def _architecture(args: argparse.Namespace) -> dict:
+    """The model flags that every variant takes."""
+    names = ("activation", "reconstruction", "tied")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _model_kwargs(variant: str, args: argparse.Namespace) -> dict:
@@ -275,6 +306,7 @@ def _model_kwargs(variant: str, args: argparse.Namespace) -> dict:
             owner = next(v for v, d in VARIANT_DEFAULTS.items() if name in d)
             raise UsageError(f"{flag}: applies to --variant {owner}, got --variant {variant}")
         kwargs[name] = value
+    kwargs.update(_architecture(args))
     for name in ("lam", "beta", "gamma"):
         if kwargs.get(name, None) == 0.0:
             raise UsageError(f"{_FLAGS[name]}: got 0 for --variant {variant}, expected > 0")
@@ -357,7 +389,8 @@ def _train(args: argparse.Namespace) -> int:
         ignored = [
             f"--{name.replace('_', '-')}"
             for name in ("variant", "data", "hidden", "batch_size", "lr", "lam", "beta", "rho")
-            + ("gamma", "noise", "seed", "val_fraction", "label_column")
+            + ("gamma", "noise", "seed", "val_fraction", "label_column", "activation")
+            + ("reconstruction", "tied")
             if getattr(args, name, None) is not None
         ]
         if ignored:
@@ -395,12 +428,12 @@ def _train(args: argparse.Namespace) -> int:
             device=_device(args.device),
         )
         data = {
-            "source": args.data or "digits",
+            "source": _source(args.data),
             "label_column": args.label_column,
             "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
         }
         dataset, split = _load_split(
-            data["source"], data["label_column"], data["val_fraction"], train.seed
+            args.data or "digits", data["label_column"], data["val_fraction"], train.seed
         )
         model = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
         out = _new_out(args.out, variant)
@@ -513,12 +546,12 @@ def _compare(args: argparse.Namespace) -> int:
         device=_device(args.device),
     )
     data = {
-        "source": args.data or "digits",
+        "source": _source(args.data),
         "label_column": args.label_column,
         "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
     }
     dataset, split = _load_split(
-        data["source"], data["label_column"], data["val_fraction"], train.seed
+        args.data or "digits", data["label_column"], data["val_fraction"], train.seed
     )
     data["scaler"] = {"low": split.scaler.low, "high": split.scaler.high}
     data["image_shape"] = list(split.image_shape) if split.image_shape else None
@@ -528,6 +561,7 @@ def _compare(args: argparse.Namespace) -> int:
         kwargs.update(
             {k: getattr(args, k) for k in kwargs if getattr(args, k, None) is not None}
         )  # fmt: skip
+        kwargs.update(_architecture(args))
         models[variant] = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
     if hidden[-1] > min(split.x_train.shape):
         raise UsageError(

@@ -136,6 +136,10 @@ def _bad_files(tmp_path):
         (["train", "--variant", "sparse-l1", "--gamma", "0"], "--gamma: got 0"),
         (["train", "--epochs", "0"], "argument --epochs: got '0'"),
         (["train", "--seed", "-1"], "argument --seed: got '-1'"),
+        (
+            ["train", "--variant", "sparse-kl", "--activation", "relu"],
+            "activation: got 'relu' for variant 'sparse-kl', expected 'sigmoid'",
+        ),
         (["train", "--label-column", "3"], "--data: digits: a label column applies to CSV"),
         (["train", "--resume"], "--resume: needs --out"),
         (["train", "--resume", "--out", "empty"], "--out: empty: no checkpoint found"),
