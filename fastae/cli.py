@@ -456,10 +456,14 @@ def _train(args: argparse.Namespace) -> int:
         split.x_val.shape[0],
         out,
     )
-    result = fit(
-        model, split.x_train, split.x_val, train, run_dir=out, run_config=config,
-        resume=args.resume,
-    )  # fmt: skip
+    try:
+        result = fit(
+            model, split.x_train, split.x_val, train, run_dir=out, run_config=config,
+            resume=args.resume,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        logger.info("interrupted; continue with: fastae train --resume --out %s", out)
+        raise
 
     # 3. Final metrics, summary and plots.
     noise = model.noise or parse_corruption(DEFAULT_EVAL_NOISE)
@@ -706,3 +710,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         sys.stderr.write(f"fastae {command}: error: {error}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"fastae {command}: interrupted\n")
+        return 130
