@@ -366,77 +366,90 @@ def _write_text(path: str, text: str) -> None:
 # -- train ---------------------------------------------------------------------------------------
 
 
+def _plan_resume(args: argparse.Namespace):
+    """Model, training config, data and folder of the run to continue (from its checkpoint)."""
+    from fastae.train import CheckpointError
+    from fastae.train import TrainConfig
+    from fastae.train import load_checkpoint
+
+    if args.out is None:
+        raise UsageError("--resume: needs --out, the folder of the run to continue")
+    try:
+        stored, _, _, state = load_checkpoint(args.out)
+    except CheckpointError as error:
+        raise UsageError(f"--out: {error}") from None
+    ignored = [
+        f"--{name.replace('_', '-')}"
+        for name in ("variant", "data", "hidden", "batch_size", "lr", "lam", "beta", "rho")
+        + ("gamma", "noise", "seed", "val_fraction", "label_column", "activation")
+        + ("reconstruction", "tied")
+        if getattr(args, name, None) is not None
+    ]
+    if ignored:
+        raise UsageError(
+            f"--resume: got {' '.join(ignored)}, expected only --epochs and --device (the "
+            "rest comes from the checkpoint)"
+        )
+    data = stored["data"]
+    train = TrainConfig(**stored["train"])
+    train.epochs = args.epochs or train.epochs
+    train.device = _device(args.device or train.device)
+    if train.epochs < state["epoch"]:
+        raise UsageError(
+            f"--epochs: got {train.epochs}, expected at least the {state['epoch']} epochs "
+            "the run has done"
+        )
+    dataset, split = _load_split(
+        data["source"], data["label_column"], data["val_fraction"], train.seed
+    )
+    model_config = dict(stored["model"])
+    variant, hidden = model_config.pop("variant"), tuple(model_config.pop("hidden"))
+    in_features = model_config.pop("in_features")
+    model_config.pop("seed")
+    model = _build_model(in_features, hidden, variant, model_config, train.seed)
+    out = args.out
+    return model, train, data, dataset, split, out
+
+
+def _plan_new(args: argparse.Namespace):
+    """Model, training config, data and folder of a new run (from the flags)."""
+    from fastae.train import TrainConfig
+
+    variant = args.variant or "contractive"
+    hidden = args.hidden or DEFAULT_HIDDEN
+    kwargs = _model_kwargs(variant, args)
+    train = TrainConfig(
+        epochs=args.epochs or DEFAULT_EPOCHS,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        lr=args.lr or DEFAULT_LR,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
+        device=_device(args.device),
+    )
+    data = {
+        "source": _source(args.data),
+        "label_column": args.label_column,
+        "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
+    }
+    dataset, split = _load_split(
+        args.data or "digits", data["label_column"], data["val_fraction"], train.seed
+    )
+    model = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
+    out = _new_out(args.out, variant)
+    return model, train, data, dataset, split, out
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
     from fastae import plots
     from fastae.corruption import parse_corruption
     from fastae.metrics import evaluate_model
-    from fastae.train import CheckpointError
-    from fastae.train import TrainConfig
     from fastae.train import fit
-    from fastae.train import load_checkpoint
     from fastae.train import run_config
 
     # 1. Every input is checked before anything is written.
-    if args.resume:
-        if args.out is None:
-            raise UsageError("--resume: needs --out, the folder of the run to continue")
-        try:
-            stored, _, _, state = load_checkpoint(args.out)
-        except CheckpointError as error:
-            raise UsageError(f"--out: {error}") from None
-        ignored = [
-            f"--{name.replace('_', '-')}"
-            for name in ("variant", "data", "hidden", "batch_size", "lr", "lam", "beta", "rho")
-            + ("gamma", "noise", "seed", "val_fraction", "label_column", "activation")
-            + ("reconstruction", "tied")
-            if getattr(args, name, None) is not None
-        ]
-        if ignored:
-            raise UsageError(
-                f"--resume: got {' '.join(ignored)}, expected only --epochs and --device (the "
-                "rest comes from the checkpoint)"
-            )
-        data = stored["data"]
-        train = TrainConfig(**stored["train"])
-        train.epochs = args.epochs or train.epochs
-        train.device = _device(args.device or train.device)
-        if train.epochs < state["epoch"]:
-            raise UsageError(
-                f"--epochs: got {train.epochs}, expected at least the {state['epoch']} epochs "
-                "the run has done"
-            )
-        dataset, split = _load_split(
-            data["source"], data["label_column"], data["val_fraction"], train.seed
-        )
-        model_config = dict(stored["model"])
-        variant, hidden = model_config.pop("variant"), tuple(model_config.pop("hidden"))
-        in_features = model_config.pop("in_features")
-        model_config.pop("seed")
-        model = _build_model(in_features, hidden, variant, model_config, train.seed)
-        out = args.out
-    else:
-        variant = args.variant or "contractive"
-        hidden = args.hidden or DEFAULT_HIDDEN
-        kwargs = _model_kwargs(variant, args)
-        train = TrainConfig(
-            epochs=args.epochs or DEFAULT_EPOCHS,
-            batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-            lr=args.lr or DEFAULT_LR,
-            seed=DEFAULT_SEED if args.seed is None else args.seed,
-            device=_device(args.device),
-        )
-        data = {
-            "source": _source(args.data),
-            "label_column": args.label_column,
-            "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
-        }
-        dataset, split = _load_split(
-            args.data or "digits", data["label_column"], data["val_fraction"], train.seed
-        )
-        model = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
-        out = _new_out(args.out, variant)
+    plan = _plan_resume if args.resume else _plan_new
+    model, train, data, dataset, split, out = plan(args)
     data = {
         **data,
         "scaler": {"low": split.scaler.low, "high": split.scaler.high},
