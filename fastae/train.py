@@ -51,12 +51,15 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "load_weights",
+    "run_config",
     "save_checkpoint",
 ]
 
 CHECKPOINT = "checkpoint"
 _TMP = CHECKPOINT + ".tmp"
 _OLD = CHECKPOINT + ".old"
+# The running loss on the progress bar is refreshed every this many steps (each costs a sync).
+_POSTFIX_EVERY = 10
 
 
 class CheckpointError(ValueError):
@@ -256,7 +259,8 @@ def fit(
     try:
         for epoch in range(start_epoch, config.epochs):
             order = _epoch_order(count, config.seed, epoch).to(device)
-            sums = torch.zeros(3, dtype=torch.float64)
+            # Loss sums stay on the device: no host sync per step, only per epoch.
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
             for step in range(batches):
                 if stop_at is not None and (epoch, step) == stop_at:
                     raise KeyboardInterrupt(f"stop_at {stop_at}")
@@ -266,10 +270,10 @@ def fit(
                 losses.total.backward()
                 optimizer.step()
 
-                parts = torch.stack([t.detach().double().cpu() for t in losses])
-                sums += parts
+                sums += torch.stack([part.detach() for part in losses]).double()
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sums[0].item() / (step + 1):.4f}")
+                if step % _POSTFIX_EVERY == 0 or step == batches - 1:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{sums[0].item() / (step + 1):.4f}")
 
             record = {
                 "epoch": epoch + 1,
