@@ -192,7 +192,8 @@ class Autoencoder(torch.nn.Module):
             for i in range(len(hidden))
         )
         if self.tied:
-            # Layer i of the decoder maps H_{i+1} -> H_i with the weight W_i^T of encoder layer i.
+            # Layer i of the decoder maps H_{i+1} -> H_i with the weight W_i^T of encoder layer i;
+            # only its bias (started at zero) is a new parameter.
             self.decoder = None
             self.decoder_bias = (
                 torch.nn.ParameterList(
