@@ -636,6 +636,12 @@ def _compare(args: argparse.Namespace) -> int:
         )  # fmt: skip
         kwargs.update(_architecture(args))
         models[variant] = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
+        if variant == "contractive" and len(hidden) == 1:
+            # The same code behind a wider first layer: the whole-encoder penalty.
+            deep = (DEEP_EXPANSION * hidden[-1], hidden[-1])
+            models["deep contractive"] = _build_model(
+                split.x_train.shape[1], deep, variant, kwargs, train.seed
+            )
     if hidden[-1] > min(split.x_train.shape):
         raise UsageError(
             f"--hidden: got a code of {hidden[-1]} units, expected at most "
@@ -651,7 +657,7 @@ def _compare(args: argparse.Namespace) -> int:
     rows = []
     for variant, model in models.items():
         logger.info("training %s", variant)
-        run_dir = os.path.join(out, variant)
+        run_dir = os.path.join(out, variant.replace(" ", "-"))
         os.makedirs(run_dir)
         result = fit(
             model, split.x_train, split.x_val, train, run_dir=run_dir,
@@ -669,9 +675,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     # 3. One table: stdout, markdown, CSV and a plot.
     table = _markdown_table(rows)
+    deep = ""
+    if "deep contractive" in models:
+        model = models["deep contractive"]
+        used = model.last_penalty
+        deep = f"; deep contractive {','.join(map(str, model.hidden))}, {used.method} penalty"
     conditions = (
         f"data {dataset.name} ({split.x_train.shape[0]} train / {split.x_val.shape[0]} "
-        f"validation), code {hidden[-1]} units (encoder {','.join(map(str, hidden))}), "
+        f"validation), code {hidden[-1]} units (encoder {','.join(map(str, hidden))}{deep}), "
         f"{train.epochs} epochs, batch {train.batch_size}, Adam lr {train.lr}, seed {train.seed}, "
         f"corruption {noise.spec()}, device {train.device}, torch {torch.__version__}"
     )
