@@ -59,8 +59,10 @@ _SMALL_MODEL = 256 * 256
 # The corruption of the corrupted-input MSE when the model has none of its own.
 DEFAULT_EVAL_NOISE = "masking:0.3"
 # Epochs of each layer's shallow autoencoder in `fastae train --stacked`.
-# NOTE: on digits (64-32-8 contractive, batch 32) each stage's validation loss has flattened by
-# then; 20 epochs per layer add about a third of the default fine-tuning's time.
+# NOTE: measured on digits (64-32-8 contractive, batch 32, seed 0, 2-core CPU): the 32 -> 8 stage
+# is flat after 10 epochs (val loss 0.0033); the 64 -> 32 stage still improves at 50 (val loss
+# 0.047 at 20, 0.037 at 50), but after the 100 fine-tuning epochs 20 and 50 end close (val MSE
+# 0.0265 and 0.0230), and 20 epochs per layer cost about 1.5 s against 5.4 s for 50.
 DEFAULT_PRETRAIN_EPOCHS = 20
 # The encoder of compare's "deep contractive" row: DEEP_EXPANSION * code units, then the code.
 DEEP_EXPANSION = 4
