@@ -16,7 +16,8 @@ activation and reconstruction loss are those of the deep model's decoder at that
 model's output activation and reconstruction for stage 1 (the reconstruction of x), the hidden
 activation and MSE for the others (the codes of tanh or relu layers are not in [0, 1]). A
 contractive stage therefore uses the one-layer closed form; a denoising stage corrupts its own
-input codes.
+input codes (the corruptions keep values in [0, 1], the range of sigmoid codes: with tanh codes
+a gaussian corruption also clips their negative part).
 
 The codes h_{l-1} for stage l are computed once, in eval mode and without gradient, with the
 layers already pretrained. Each stage is one call of fastae.train.fit (same batch size, learning
