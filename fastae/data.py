@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -31,12 +32,14 @@ __all__ = [
     "Dataset",
     "MinMaxScaler",
     "Split",
+    "fingerprint",
     "load_dataset",
     "prepare",
     "split_indices",
 ]
 
 NAMED = ("digits",)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -99,12 +102,26 @@ def _as_samples(source: str, array: np.ndarray) -> tuple[np.ndarray, tuple[int, 
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"{source}: got dtype {array.dtype}, expected a real numeric array")
     if array.ndim == 2:
-        return array.astype(np.float32), _square_image(array.shape[1])
+        return _float32(source, array), _square_image(array.shape[1])
     if array.ndim == 3:
-        return array.reshape(array.shape[0], -1).astype(np.float32), tuple(array.shape[1:])
+        return _float32(source, array.reshape(array.shape[0], -1)), tuple(array.shape[1:])
     raise DataError(
         f"{source}: got an array of shape {array.shape}, expected (N, D) or (N, height, width)"
     )
+
+
+def _float32(source: str, x: np.ndarray) -> np.ndarray:
+    """x (N, D) as float32; finite values beyond float32's range would silently become Inf."""
+    if np.issubdtype(x.dtype, np.floating) and np.finfo(x.dtype).max > _FLOAT32_MAX:
+        beyond = np.isfinite(x) & (np.abs(x) > _FLOAT32_MAX)
+        if beyond.any():
+            row, column = np.argwhere(beyond)[0]
+            raise DataError(
+                f"{source}: got {int(beyond.sum())} value(s) beyond float32's range (|x| > "
+                f"{_FLOAT32_MAX:.4g}), the first {x[row, column]:g} at sample {row}, feature "
+                f"{column}; expected values that fit in float32"
+            )
+    return x.astype(np.float32)
 
 
 def _square_image(features: int) -> tuple[int, int] | None:
@@ -112,19 +129,50 @@ def _square_image(features: int) -> tuple[int, int] | None:
     return (side, side) if side * side == features and side > 1 else None
 
 
-def _labels(source: str, y: np.ndarray | None, count: int) -> np.ndarray | None:
+def _labels(source: str, y: np.ndarray | None, count: int, key: str = "") -> np.ndarray | None:
+    """Integer class labels (N,) int64; ``key`` names the array in an .npz archive."""
     if y is None:
         return None
     y = np.asarray(y).reshape(-1)
+    what = f"labels {key!r}" if key else "labels"
     if y.shape[0] != count:
-        raise DataError(f"{source}: got {y.shape[0]} labels for {count} samples")
-    return y
+        raise DataError(f"{source}: got {y.shape[0]} {what} for {count} samples")
+    numeric = np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.complexfloating)
+    if not (numeric or y.dtype == np.bool_):
+        raise DataError(f"{source}: {what} have dtype {y.dtype}, expected integer class labels")
+    bad = ~np.isfinite(y) | (y != np.round(y)) if numeric else np.zeros(y.shape, dtype=bool)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(
+            f"{source}: {what} hold {int(bad.sum())} value(s) that are not integers, the first "
+            f"{y[first].item()!r} at sample {first}; expected integer class labels"
+        )
+    return y.astype(np.int64)
+
+
+def _holds_objects(source: str) -> bool:
+    """Whether an .npy file's header declares an object array (pickled Python objects)."""
+    try:
+        with open(source, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(handle)
+            else:
+                header = np.lib.format.read_array_header_2_0(handle)
+    except (OSError, ValueError):
+        return False
+    return header[2].hasobject
 
 
 def _npy(source: str) -> Dataset:
     try:
         array = np.load(source, allow_pickle=False)
     except (OSError, ValueError) as error:
+        if _holds_objects(source):
+            raise DataError(
+                f"{source}: not a numeric array (it holds pickled Python objects), expected a "
+                "real numeric array"
+            ) from None
         raise DataError(f"{source}: not a readable .npy file ({error})") from None
     x, image_shape = _as_samples(source, array)
     return Dataset(x, None, os.path.basename(source), image_shape)
@@ -141,13 +189,14 @@ def _npz(source: str) -> Dataset:
     x_key = next((k for k in ("x", "X", "data") if k in arrays), next(iter(arrays)))
     y_key = next((k for k in ("y", "labels", "target") if k in arrays and k != x_key), None)
     x, image_shape = _as_samples(source, arrays[x_key])
-    y = _labels(source, arrays[y_key] if y_key else None, x.shape[0])
+    y = _labels(source, arrays[y_key] if y_key else None, x.shape[0], y_key or "")
     return Dataset(x, y, os.path.basename(source), image_shape)
 
 
 def _csv(source: str, label_column: str | int | None) -> Dataset:
     try:
-        with open(source, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte order mark (Excel writes one) is not part of the first cell.
+        with open(source, newline="", encoding="utf-8-sig") as handle:
             rows = [row for row in csv.reader(handle) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{source}: not a readable CSV file ({error})") from None
@@ -186,7 +235,7 @@ def _csv(source: str, label_column: str | int | None) -> Dataset:
         table = np.delete(table, label_index, axis=1)
     if table.shape[1] == 0:
         raise DataError(f"{source}: no feature columns besides the labels")
-    x = table.astype(np.float32)
+    x = _float32(source, table)
     return Dataset(x, y, os.path.basename(source), _square_image(x.shape[1]))
 
 
@@ -272,6 +321,13 @@ def _check_finite(source: str, x: np.ndarray) -> None:
             f"{source}: got {count} NaN or Inf value(s), the first at sample {row}, feature "
             f"{column}; expected finite numbers"
         )
+
+
+def fingerprint(x: np.ndarray) -> dict:
+    """{"shape": [N, D], "sha256": hex digest of the float32 bytes of x}: identifies the samples
+    of a run's data (a resumed run must train on the same ones)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return {"shape": list(x.shape), "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
 
 
 def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -135,3 +135,75 @@ def test_scaler_is_fitted_on_the_training_split_only():
     # Values outside the training range are clipped into [0, 1].
     scaler = MinMaxScaler(2.0, 4.0)
     np.testing.assert_array_equal(scaler.transform(np.array([1.0, 3.0, 5.0])), [0.0, 0.5, 1.0])
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    # Excel writes UTF-8 CSV files with a BOM; it must not end up in the first cell.
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"\xef\xbb\xbflabel,f1\n3,1.5\n1,0\n")
+    data = load_dataset(str(header), label_column="label")
+    np.testing.assert_array_equal(data.x, [[1.5], [0.0]])
+    np.testing.assert_array_equal(data.y, [3, 1])
+
+    no_header = tmp_path / "plain.csv"
+    no_header.write_bytes(b"\xef\xbb\xbf1,2\n3,4\n")
+    data = load_dataset(str(no_header))
+    np.testing.assert_array_equal(data.x, [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_npz_labels_must_be_integers(tmp_path):
+    x = np.zeros((3, 2))
+    np.savez(tmp_path / "float.npz", x=x, y=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(
+        DataError,
+        match=r"float.npz: labels 'y' hold 1 value\(s\) that are not integers, the first 1.5 at "
+        r"sample 1; expected integer class labels",
+    ):
+        load_dataset(str(tmp_path / "float.npz"))
+
+    np.savez(tmp_path / "words.npz", x=x, labels=np.array(["a", "b", "c"]))
+    with pytest.raises(
+        DataError, match=r"words.npz: labels 'labels' have dtype <U1, expected integer class"
+    ):
+        load_dataset(str(tmp_path / "words.npz"))
+
+    # Integer-valued floats are class labels: they come back as int64.
+    np.savez(tmp_path / "whole.npz", x=x, target=np.array([2.0, 0.0, 1.0]))
+    data = load_dataset(str(tmp_path / "whole.npz"))
+    assert data.y.dtype == np.int64
+    np.testing.assert_array_equal(data.y, [2, 0, 1])
+
+
+def test_values_beyond_float32_and_object_arrays_are_named(tmp_path):
+    np.save(tmp_path / "big.npy", np.array([[1.0, 2.0], [3.0, -1e39]]))
+    with pytest.raises(
+        DataError,
+        match=r"big.npy: got 1 value\(s\) beyond float32's range \(\|x\| > 3.403e\+38\), the "
+        r"first -1e\+39 at sample 1, feature 1; expected values that fit in float32",
+    ):
+        load_dataset(str(tmp_path / "big.npy"))
+
+    big_csv = tmp_path / "big.csv"
+    big_csv.write_text("1,2\n1e39,0\n")
+    with pytest.raises(DataError, match=r"big.csv: got 1 value\(s\) beyond float32's range"):
+        load_dataset(str(big_csv))
+
+    np.save(tmp_path / "garbage.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(
+        DataError,
+        match=r"garbage.npy: not a numeric array \(it holds pickled Python objects\), expected a "
+        "real numeric array",
+    ):
+        load_dataset(str(tmp_path / "garbage.npy"))
+
+
+def test_fingerprint_tells_data_apart():
+    from fastae.data import fingerprint
+
+    x = np.arange(6, dtype=np.float64).reshape(3, 2)
+    same = fingerprint(x.astype(np.float32))
+    assert fingerprint(x) == same
+    assert same["shape"] == [3, 2] and len(same["sha256"]) == 64
+    changed = x.copy()
+    changed[2, 1] = 5.5
+    assert fingerprint(changed)["sha256"] != same["sha256"]
