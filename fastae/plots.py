@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 __all__ = ["codes_2d", "compare_bars", "loss_curves", "reconstructions"]
 
 _DPI = 120
+# codes_2d draws a legend for at most this many classes (tab20 has 20 colours), else a colorbar.
+_LEGEND_CLASSES = 20
 
 
 def _save(fig, path: str) -> None:
@@ -88,15 +90,22 @@ def codes_2d(path: str, codes: np.ndarray, labels: np.ndarray | None) -> None:
     else:
         points, axis = np.concatenate([codes, np.zeros_like(codes)], 1), "code unit"
     fig, ax = plt.subplots(figsize=(6, 5))
-    if labels is not None:
-        classes = np.unique(labels)
+    classes = np.unique(labels) if labels is not None else ()
+    if len(classes) > _LEGEND_CLASSES:
+        # Too many classes for a legend: one colour scale, explained by a colorbar.
+        drawn = ax.scatter(points[:, 0], points[:, 1], s=8, c=labels, cmap="viridis")
+        fig.colorbar(drawn, ax=ax, label="label")
+    elif labels is not None:
         cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
         for i, label in enumerate(classes):
             keep = labels == label
             ax.scatter(
                 points[keep, 0], points[keep, 1], s=8, color=cmap(i % cmap.N), label=str(label)
             )
-        ax.legend(title="label", markerscale=2, fontsize=8, loc="best")
+        # Outside the axes, to the right: it hides no point.
+        ax.legend(
+            title="label", markerscale=2, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+        )
     else:
         ax.scatter(points[:, 0], points[:, 1], s=8)
     ax.set_xlabel(f"{axis} 1")
