@@ -54,6 +54,17 @@ _FLAGS = {
     "penalty_method": "--penalty-method",
     "penalty_probes": "--penalty-probes",
 }
+# The flag of each other Autoencoder argument that fastae train and compare set, for the model's
+# own error messages ("activation: got ..." becomes "--activation: got ...").
+_MODEL_FLAGS = {
+    **_FLAGS,
+    "hidden": "--hidden",
+    "activation": "--activation",
+    "reconstruction": "--reconstruction",
+}
+# Marks a run folder as taken: created with O_CREAT | O_EXCL, so of two runs started with the
+# same --out only one gets it.
+CLAIM = ".fastae-run"
 # Models with at most this many weights in their largest layer train on one CPU thread.
 _SMALL_MODEL = 256 * 256
 # The corruption of the corrupted-input MSE when the model has none of its own.
@@ -156,7 +167,8 @@ def _noise(text: str) -> str:
     try:
         return parse_corruption(text).spec()
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        # argparse names the flag already: "argument --noise: got ...".
+        raise argparse.ArgumentTypeError(str(error).removeprefix("noise: ")) from None
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -267,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
 
     commands.add_parser("bench", help="speed benchmarks (fastae.bench)", add_help=False)
+    parser.commands = commands.choices
     return parser
 
 
@@ -354,7 +367,9 @@ def _build_model(in_features: int, hidden, variant: str, kwargs: dict, seed: int
     try:
         return Autoencoder(in_features, hidden, variant=variant, seed=seed, **kwargs)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        name, sep, rest = str(error).partition(":")
+        raise UsageError(f"{_MODEL_FLAGS[name]}:{rest}" if sep and name in _MODEL_FLAGS
+                         else str(error)) from None  # fmt: skip
 
 
 def _new_out(out: str | None, stem: str) -> str:
@@ -366,12 +381,41 @@ def _new_out(out: str | None, stem: str) -> str:
             suffix += 1
             out = f"{base}-{suffix}"
         return out
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out: {out} is a file, expected a folder (a new or empty one)")
+    if os.path.isdir(out) and os.listdir(out) == [CLAIM]:
+        raise UsageError(
+            f"--out: {out} is taken by another run ({CLAIM} in it; that run has not written "
+            "yet), expected a new folder"
+        )
+    if os.path.isdir(out) and os.listdir(out):
         raise UsageError(
             f"--out: {out} exists and is not empty, expected a new folder (or --resume to "
             "continue the run in it)"
         )
     return out
+
+
+def _claim_out(out: str, chosen: bool) -> str:
+    """Make out this run's folder, atomically: the O_EXCL marker CLAIM goes in first, so of two
+    runs given the same --out only one gets it, and the other stops before writing anything.
+    A generated name (chosen False) taken in the meantime moves on to the next free suffix."""
+    base, suffix = out, 1
+    while True:
+        try:
+            os.makedirs(out, exist_ok=chosen)
+            os.close(os.open(os.path.join(out, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return out
+        except FileExistsError:
+            if chosen:
+                raise UsageError(
+                    f"--out: {out} was taken by another run started at the same time, expected "
+                    "a new folder"
+                ) from None
+        except OSError as error:
+            raise UsageError(f"--out: cannot create {out} ({error.strerror})") from None
+        suffix += 1
+        out = f"{base}-{suffix}"
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -394,16 +438,25 @@ def _write_text(path: str, text: str) -> None:
 
 def _plan_resume(args: argparse.Namespace):
     """Model, training config, data and folder of the run to continue (from its checkpoint)."""
+    import torch
+
+    from fastae.data import fingerprint
+    from fastae.models import Autoencoder
     from fastae.train import CheckpointError
     from fastae.train import TrainConfig
+    from fastae.train import check_resume_state
+    from fastae.train import checkpoint_dir
     from fastae.train import load_checkpoint
+    from fastae.train import load_weights
 
     if args.out is None:
         raise UsageError("--resume: needs --out, the folder of the run to continue")
     try:
-        stored, _, _, state = load_checkpoint(args.out)
+        stored, weights, payload, state = load_checkpoint(args.out)
+        check_resume_state(args.out, state)
     except CheckpointError as error:
         raise UsageError(f"--out: {error}") from None
+    config_file = os.path.join(checkpoint_dir(args.out), "config.json")
     ignored = [
         f"--{name.replace('_', '-')}"
         for name in ("variant", "data", "hidden", "batch_size", "lr", "lam", "beta", "rho")
@@ -417,8 +470,20 @@ def _plan_resume(args: argparse.Namespace):
             f"--resume: got {' '.join(ignored)}, expected only --epochs and --device (the "
             "rest comes from the checkpoint)"
         )
-    data = stored["data"]
-    train = TrainConfig(**stored["train"])
+    try:
+        data = stored["data"]
+        train = TrainConfig(**stored["train"])
+        model_config = dict(stored["model"])
+        variant, hidden = model_config.pop("variant"), tuple(model_config.pop("hidden"))
+        in_features = model_config.pop("in_features")
+        model_config.pop("seed")
+        source, label_column, val_fraction = (
+            data["source"], data["label_column"], data["val_fraction"]
+        )  # fmt: skip
+    except (KeyError, TypeError) as error:
+        raise UsageError(
+            f"--out: {config_file}: incomplete run configuration ({error!r})"
+        ) from None
     train.epochs = args.epochs or train.epochs
     train.device = _device(args.device or train.device)
     if train.epochs < state["epoch"]:
@@ -426,20 +491,41 @@ def _plan_resume(args: argparse.Namespace):
             f"--epochs: got {train.epochs}, expected at least the {state['epoch']} epochs "
             "the run has done"
         )
-    dataset, split = _load_split(
-        data["source"], data["label_column"], data["val_fraction"], train.seed
-    )
-    model_config = dict(stored["model"])
-    variant, hidden = model_config.pop("variant"), tuple(model_config.pop("hidden"))
-    in_features = model_config.pop("in_features")
-    model_config.pop("seed")
-    model = _build_model(in_features, hidden, variant, model_config, train.seed)
+    dataset, split = _load_split(source, label_column, val_fraction, train.seed)
+    expected = data.get("fingerprint") or {"shape": [dataset.x.shape[0], in_features]}
+    got = fingerprint(dataset.x)
+    if got["shape"][1:] != expected["shape"][1:] or got.get("sha256") != expected.get(
+        "sha256", got["sha256"]
+    ):
+        raise UsageError(
+            f"--data: {source} has changed since the run started: got shape "
+            f"{tuple(got['shape'])} (sha256 {got['sha256'][:12]}), expected shape "
+            f"{tuple(expected['shape'])}"
+            + (f" (sha256 {expected['sha256'][:12]})" if "sha256" in expected else "")
+            + f" as recorded in {config_file}"
+        )
+    try:
+        torch.manual_seed(train.seed)
+        model = Autoencoder(in_features, hidden, variant=variant, seed=train.seed, **model_config)
+        load_weights(model, weights)
+        torch.optim.Adam(model.parameters(), lr=train.lr).load_state_dict(payload["optimizer"])
+    except CheckpointError as error:
+        raise UsageError(
+            f"--out: {checkpoint_dir(args.out)}/model.safetensors does not match config.json: "
+            f"{error}"
+        ) from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise UsageError(
+            f"--out: {checkpoint_dir(args.out)}: config.json, model.safetensors and optimizer.pt "
+            f"do not fit together ({error})"
+        ) from None
     out = args.out
     return model, train, data, dataset, split, out
 
 
 def _plan_new(args: argparse.Namespace):
     """Model, training config, data and folder of a new run (from the flags)."""
+    from fastae.data import fingerprint
     from fastae.train import TrainConfig
 
     variant = args.variant or "contractive"
@@ -460,6 +546,7 @@ def _plan_new(args: argparse.Namespace):
     dataset, split = _load_split(
         args.data or "digits", data["label_column"], data["val_fraction"], train.seed
     )
+    data["fingerprint"] = fingerprint(dataset.x)
     model = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
     if args.pretrain_epochs is not None and not args.stacked:
         raise UsageError(f"--pretrain-epochs: got {args.pretrain_epochs} without --stacked")
@@ -479,6 +566,7 @@ def _train(args: argparse.Namespace) -> int:
     from fastae.corruption import parse_corruption
     from fastae.metrics import evaluate_model
     from fastae.train import fit
+    from fastae.train import inactive_codes_message
     from fastae.train import run_config
 
     # 1. Every input is checked before anything is written.
@@ -504,7 +592,8 @@ def _train(args: argparse.Namespace) -> int:
 
     # 2. Train (after layer-wise pretraining with --stacked), checkpointing every epoch.
     _set_threads(train.device, model)
-    os.makedirs(out, exist_ok=True)
+    if not args.resume:
+        out = _claim_out(out, chosen=args.out is not None)
     logger.info(
         "training %s %s on %s (%d train, %d validation samples) into %s",
         model.variant,
@@ -542,6 +631,11 @@ def _train(args: argparse.Namespace) -> int:
     if model.last_penalty is not None:
         used = model.last_penalty
         metrics["contractive_penalty"] = {"method": used.method, "side": used.side, "k": used.k}
+    warning = ""
+    if metrics["near_zero"] >= 1.0:
+        warning = f"  warning: {inactive_codes_message(model)}\n"
+        logger.warning("%s", inactive_codes_message(model))
+        metrics["warning"] = inactive_codes_message(model)
     _write_text(os.path.join(out, "summary.json"), json.dumps(metrics, indent=2) + "\n")
 
     model.eval()
@@ -568,6 +662,7 @@ def _train(args: argparse.Namespace) -> int:
         f"run {out}: {model.variant} AE, {final['epoch']} epochs in {result.train_seconds:.1f} s\n"
         f"  train loss {final['train_loss']:.5f}  val loss {final['val_loss']:.5f}\n"
         f"  {_metrics_line(metrics)}\n"
+        f"{warning}"
         "  wrote checkpoint/ (model.safetensors, config.json, optimizer.pt, state.json), "
         "metrics.csv, summary.json, reconstructions.png, loss_curves.png, codes.png\n"
     )
@@ -605,6 +700,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from fastae import plots
     from fastae.corruption import parse_corruption
+    from fastae.data import fingerprint
     from fastae.metrics import evaluate_model
     from fastae.metrics import evaluate_pca
     from fastae.models import VARIANTS
@@ -631,8 +727,20 @@ def _compare(args: argparse.Namespace) -> int:
     )
     data["scaler"] = {"low": split.scaler.low, "high": split.scaler.high}
     data["image_shape"] = list(split.image_shape) if split.image_shape else None
-    models = {}
+    data["fingerprint"] = fingerprint(dataset.x)
+    for name in ("lam", "beta", "gamma"):
+        if getattr(args, name, None) == 0.0:
+            owner = next(v for v, d in VARIANT_DEFAULTS.items() if name in d)
+            raise UsageError(f"{_FLAGS[name]}: got 0 for the {owner} row, expected > 0")
+    models, skipped = {}, []
     for variant in VARIANTS:
+        if variant == "sparse-kl" and (args.activation or "sigmoid") != "sigmoid":
+            skipped.append(
+                f"sparse-kl skipped (its KL penalty needs sigmoid codes, got --activation "
+                f"{args.activation})"
+            )
+            logger.info("%s", skipped[-1])
+            continue
         kwargs = dict(VARIANT_DEFAULTS[variant])
         kwargs.update(
             {k: getattr(args, k) for k in kwargs if getattr(args, k, None) is not None}
@@ -655,7 +763,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     # 2. Train every variant (each a run folder that `fastae eval` reads) and fit PCA.
     _set_threads(train.device, models["undercomplete"])
-    os.makedirs(out, exist_ok=True)
+    out = _claim_out(out, chosen=args.out is not None)
     x_val = torch.from_numpy(split.x_val).to(train.device)
     rows = []
     for variant, model in models.items():
@@ -688,6 +796,7 @@ def _compare(args: argparse.Namespace) -> int:
         f"validation), code {hidden[-1]} units (encoder {','.join(map(str, hidden))}{deep}), "
         f"{train.epochs} epochs, batch {train.batch_size}, Adam lr {train.lr}, seed {train.seed}, "
         f"corruption {noise.spec()}, device {train.device}, torch {torch.__version__}"
+        + "".join(f"; {note}" for note in skipped)
     )
     _write_text(os.path.join(out, "compare.md"), f"{table}\n{conditions}\n")
     buffer = io.StringIO()
@@ -713,6 +822,7 @@ def _eval(args: argparse.Namespace) -> int:
     from fastae.metrics import evaluate_model
     from fastae.models import Autoencoder
     from fastae.train import CheckpointError
+    from fastae.train import checkpoint_dir
     from fastae.train import load_checkpoint
     from fastae.train import load_weights
 
@@ -720,10 +830,15 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"RUN_DIR: {args.run_dir} is not a folder")
     try:
         config, weights, _, _ = load_checkpoint(args.run_dir)
+    except CheckpointError as error:
+        # The message starts with the folder or file it is about.
+        raise UsageError(f"RUN_DIR: {error}") from None
+    try:
         model = Autoencoder(**config["model"])
         load_weights(model, weights)
     except (CheckpointError, ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"RUN_DIR: {args.run_dir}: {error}") from None
+        config_file = os.path.join(checkpoint_dir(args.run_dir), "config.json")
+        raise UsageError(f"RUN_DIR: {config_file}: {error}") from None
     data = config["data"]
     seed = config["train"]["seed"]
     device = _device(args.device or config["train"]["device"])
@@ -779,11 +894,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     command = args.command
     if command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help(sys.stderr)
         return 2
+    if unknown:
+        # Reported by the subcommand, as argparse does for its other errors: "fastae train: ...".
+        parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
     handlers = {"train": _train, "compare": _compare, "eval": _eval}
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -36,7 +36,9 @@ class Corruption:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"corruption kind: got {self.kind!r}, expected one of {KINDS}")
+            raise ValueError(
+                f"corruption kind: got {self.kind!r}, expected one of {', '.join(KINDS)}"
+            )
         level = self.level
         if isinstance(level, bool) or not isinstance(level, (int, float)):
             raise ValueError(f"corruption level: got {level!r}, expected a number")
@@ -73,7 +75,9 @@ def parse_corruption(text: str, low: float = 0.0, high: float = 1.0) -> Corrupti
     """Read KIND:LEVEL, e.g. "masking:0.3", "gaussian:0.2", "salt-and-pepper:0.1"."""
     kind, sep, level = str(text).partition(":")
     if not sep:
-        raise ValueError(f"noise: got {text!r}, expected KIND:LEVEL with KIND one of {KINDS}")
+        raise ValueError(
+            f"noise: got {text!r}, expected KIND:LEVEL with KIND one of {', '.join(KINDS)}"
+        )
     try:
         value = float(level)
     except ValueError:

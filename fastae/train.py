@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict
@@ -35,10 +36,12 @@ from dataclasses import field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from fastae.metrics import NEAR_ZERO
 from fastae.models import Autoencoder
 
 logger = logging.getLogger(__name__)
@@ -47,8 +50,10 @@ __all__ = [
     "CheckpointError",
     "TrainConfig",
     "TrainResult",
+    "check_resume_state",
     "checkpoint_dir",
     "fit",
+    "inactive_codes_message",
     "load_checkpoint",
     "load_weights",
     "run_config",
@@ -60,6 +65,18 @@ _TMP = CHECKPOINT + ".tmp"
 _OLD = CHECKPOINT + ".old"
 # The running loss on the progress bar is refreshed every this many steps (each costs a sync).
 _POSTFIX_EVERY = 10
+# The columns of metrics.csv, in this order for fresh and resumed runs alike (state.json stores
+# each epoch's record with sorted keys); any other key of a record follows, sorted.
+METRICS_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_reconstruction",
+    "train_penalty",
+    "val_loss",
+    "val_mse",
+)
+# The flag of each variant's penalty weight: the one to lower when every code unit is inactive.
+_PENALTY_FLAG = {"sparse-l1": "--gamma", "sparse-kl": "--beta", "contractive": "--lambda"}
 
 
 class CheckpointError(ValueError):
@@ -135,20 +152,54 @@ def save_checkpoint(
 
 
 def load_checkpoint(run_dir: str) -> tuple[dict, dict, dict, dict]:
-    """(config, weights, optimizer payload, state) of a run folder."""
+    """(config, weights, optimizer payload, state) of a run folder.
+
+    Raises CheckpointError naming the file that is missing, damaged or incomplete."""
     path = checkpoint_dir(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir}: no checkpoint found (expected {CHECKPOINT}/state.json)")
+    config = _read_json(os.path.join(path, "config.json"))
+    state = _read_json(os.path.join(path, "state.json"))
+    file = os.path.join(path, "model.safetensors")
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
-        with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        payload = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({error})") from None
+        weights = load_file(file)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{file}: unreadable weights ({error})") from None
+    file = os.path.join(path, "optimizer.pt")
+    try:
+        payload = torch.load(file, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{file}: unreadable optimizer state ({reason})") from None
+    if not isinstance(payload, dict) or not {"optimizer", "generator"} <= set(payload):
+        raise CheckpointError(f"{file}: expected the keys 'optimizer' and 'generator'")
     return config, weights, payload, state
+
+
+def check_resume_state(run_dir: str, state: dict) -> None:
+    """Raise CheckpointError unless state (of load_checkpoint) has what resuming needs: the
+    completed epochs and one history record per epoch."""
+    file = os.path.join(checkpoint_dir(run_dir) or run_dir, "state.json")
+    epoch, history = state.get("epoch"), state.get("history")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(f"{file}: got epoch {epoch!r}, expected an integer >= 0")
+    if not isinstance(history, list) or len(history) != epoch:
+        records = f" of {len(history)} records" if isinstance(history, list) else ""
+        raise CheckpointError(
+            f"{file}: got history {type(history).__name__}{records}, expected a list of "
+            f"{epoch} per-epoch records"
+        )
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file}: unreadable ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: got {type(value).__name__}, expected a JSON object")
+    return value
 
 
 def load_weights(model: torch.nn.Module, weights: dict) -> None:
@@ -175,7 +226,9 @@ def _write_metrics_csv(run_dir: str, history: list[dict]) -> None:
     if not history:
         return
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    extra = sorted(set(history[0]) - set(METRICS_COLUMNS))
+    columns = [key for key in METRICS_COLUMNS if key in history[0]] + extra
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     _write_atomic(os.path.join(run_dir, "metrics.csv"), out.getvalue().encode("utf-8"))
@@ -187,13 +240,33 @@ def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=generator)
 
 
-def _validation(model: Autoencoder, x_val: torch.Tensor) -> dict:
+def _validation(model: Autoencoder, x_val: torch.Tensor) -> tuple[dict, bool]:
+    """({"val_loss", "val_mse"}, whether every code unit is inactive on every sample)."""
     model.eval()
     with torch.no_grad():
         losses = model.loss(x_val)
-        mse = torch.nn.functional.mse_loss(model(x_val), x_val).item()
+        h = model.encode(x_val)
+        mse = torch.nn.functional.mse_loss(model.decode(h), x_val).item()
+        inactive = bool((h.abs() < NEAR_ZERO).all())
     model.train()
-    return {"val_loss": losses.total.item(), "val_mse": mse}
+    return {"val_loss": losses.total.item(), "val_mse": mse}, inactive
+
+
+def inactive_codes_message(model: Autoencoder) -> str:
+    """The warning for a model whose code units are all inactive (|h| < NEAR_ZERO on every
+    validation sample): it only reconstructs a constant, and says which flag to lower."""
+    flag = _PENALTY_FLAG.get(model.variant)
+    weight = {"--gamma": model.gamma, "--beta": model.beta, "--lambda": model.lam}.get(flag)
+    fix = (
+        f"lower {flag} (got {weight:g})"
+        if flag is not None
+        else "lower --lr or change --activation"
+    )
+    return (
+        f"all {model.code_size} code units are inactive (|h| < {NEAR_ZERO} on every validation "
+        f"sample; {model.activation} codes): the model reconstructs the same output for every "
+        f"input; {fix}"
+    )
 
 
 def fit(
@@ -238,6 +311,7 @@ def fit(
         if run_dir is None:
             raise ValueError("resume: got True without a run_dir, expected a run folder")
         _, weights, payload, state = load_checkpoint(run_dir)
+        check_resume_state(run_dir, state)
         load_weights(model, weights)
         optimizer.load_state_dict(payload["optimizer"])
         model.set_generator_state(payload["generator"])
@@ -265,6 +339,7 @@ def fit(
         leave=False,
     )
     started = time.perf_counter()
+    warned = False
     try:
         for epoch in range(start_epoch, config.epochs):
             order = _epoch_order(count, config.seed, epoch).to(device)
@@ -284,14 +359,18 @@ def fit(
                 if step % _POSTFIX_EVERY == 0 or step == batches - 1:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{sums[0].item() / (step + 1):.4f}")
 
+            validation, inactive = _validation(model, x_va)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": sums[0].item() / batches,
                 "train_reconstruction": sums[1].item() / batches,
                 "train_penalty": sums[2].item() / batches,
-                **_validation(model, x_va),
+                **validation,
             }
             history.append(record)
+            if inactive and not warned:
+                warned = True
+                logger.warning("epoch %d: %s", epoch + 1, inactive_codes_message(model))
             logger.info(
                 "epoch %d/%d  train loss %.5f  val loss %.5f  val mse %.5f",
                 epoch + 1,

@@ -1,5 +1,6 @@
 """The fastae command end to end: runs, outputs, resume, and one-line errors for bad input."""
 
+import hashlib
 import json
 import os
 import signal
@@ -122,6 +123,9 @@ def _bad_files(tmp_path):
     (tmp_path / "ragged.csv").write_text("1,2\n3\n")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00")
     np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]]))
+    np.save(tmp_path / "big.npy", np.array([[0.0, 1e39], [1.0, 2.0]]))
+    np.save(tmp_path / "garbage.npy", np.array([{}, None], dtype=object), allow_pickle=True)
+    (tmp_path / "afile").write_text("not a folder\n")
 
 
 @pytest.mark.parametrize(
@@ -141,7 +145,39 @@ def _bad_files(tmp_path):
         (["train", "--seed", "-1"], "argument --seed: got '-1'"),
         (
             ["train", "--variant", "sparse-kl", "--activation", "relu"],
-            "activation: got 'relu' for variant 'sparse-kl', expected 'sigmoid'",
+            "fastae train: error: --activation: got 'relu' for variant 'sparse-kl', expected "
+            "'sigmoid'",
+        ),
+        (
+            ["train", "--variant", "denoising", "--noise", "gaussian"],
+            "fastae train: error: argument --noise: got 'gaussian', expected KIND:LEVEL with KIND "
+            "one of gaussian, masking, salt-and-pepper (see fastae train --help)",
+        ),
+        (["train", "--bogus"], "fastae train: error: unrecognized arguments: --bogus"),
+        (
+            ["train", "--out", "afile"],
+            "fastae train: error: --out: afile is a file, expected a folder (a new or empty one)",
+        ),
+        (
+            ["train", "--data", "big.npy"],
+            "--data: big.npy: got 1 value(s) beyond float32's range",
+        ),
+        (
+            ["train", "--data", "garbage.npy"],
+            "--data: garbage.npy: not a numeric array (it holds pickled Python objects)",
+        ),
+        (
+            ["compare", "--lambda", "0"],
+            "fastae compare: error: --lambda: got 0 for the contractive row, expected > 0",
+        ),
+        (
+            ["compare", "--hidden", "32,8", "--penalty-method", "exact", "--penalty-probes", "4"],
+            "fastae compare: error: --penalty-probes: got 4 with penalty_method 'exact'",
+        ),
+        (
+            ["eval", "empty"],
+            "fastae eval: error: RUN_DIR: empty: no checkpoint found (expected "
+            "checkpoint/state.json)",
         ),
         (["train", "--label-column", "3"], "--data: digits: a label column applies to CSV"),
         (["train", "--resume"], "--resume: needs --out"),
@@ -186,3 +222,225 @@ def test_bench_without_the_module_is_a_clear_error(capsys, monkeypatch):
         pytest.skip("fastae.bench is present")
     assert cli.main(["bench"]) == 2
     assert "fastae.bench is not installed" in capsys.readouterr().err
+
+
+def _main(args):
+    """cli.main in this process: (exit status, stdout, stderr) via capsys by the caller."""
+    with pytest.raises(SystemExit) as exited:
+        raise SystemExit(cli.main(args))
+    return exited.value.code
+
+
+def test_dead_relu_codes_are_reported_with_the_flag_to_lower(tmp_path, monkeypatch, capsys):
+    # gamma 0.01 suits sigmoid codes; with relu codes it silences every unit in the first epoch.
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--variant", "sparse-l1", "--tied", "--activation", "relu", "--epochs", "2"]
+    assert _main([*args, "--out", "dead"]) == 0
+    out, err = capsys.readouterr()
+    message = (
+        "all 8 code units are inactive (|h| < 0.05 on every validation sample; relu codes): the "
+        "model reconstructs the same output for every input; lower --gamma (got 0.01)"
+    )
+    assert f"epoch 1: {message}" in err
+    assert f"  warning: {message}\n" in out
+    assert json.loads((tmp_path / "dead" / "summary.json").read_text())["warning"] == message
+
+    # The README's relu example: a smaller gamma keeps units alive, and nothing is reported.
+    assert _main([*args, "--gamma", "0.001", "--out", "alive"]) == 0
+    out, err = capsys.readouterr()
+    assert "inactive" not in out + err
+    summary = json.loads((tmp_path / "alive" / "summary.json").read_text())
+    assert summary["near_zero"] < 1.0 and "warning" not in summary
+
+
+def test_a_run_folder_is_claimed_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # Another run takes the folder between this run's checks and its first write.
+    checked = cli._new_out
+
+    def raced(out, stem):
+        out = checked(out, stem)
+        os.makedirs(out)
+        (tmp_path / out / cli.CLAIM).write_text("")
+        return out
+
+    monkeypatch.setattr(cli, "_new_out", raced)
+    assert _main(["train", "--epochs", "1", "--out", "shared"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fastae train: error: --out: shared was taken by another run started at the same time, "
+        "expected a new folder\n"
+    )
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [cli.CLAIM]
+    monkeypatch.setattr(cli, "_new_out", checked)
+
+    # Started later, while the other run has written nothing but its claim.
+    assert _main(["train", "--epochs", "1", "--out", "shared"]) == 2
+    assert capsys.readouterr().err == (
+        f"fastae train: error: --out: shared is taken by another run ({cli.CLAIM} in it; that run "
+        "has not written yet), expected a new folder\n"
+    )
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [cli.CLAIM]
+
+    # An empty folder given with --out, and a generated name, are claimed by the run itself.
+    (tmp_path / "empty").mkdir()
+    assert cli._claim_out("empty", chosen=True) == "empty"
+    assert (tmp_path / "empty" / cli.CLAIM).is_file()
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    assert cli._claim_out(os.path.join("runs", "x"), chosen=False) == os.path.join("runs", "x-2")
+
+
+def test_two_runs_with_the_same_out_one_is_refused(tmp_path):
+    args = ["train", "--epochs", "2", "--out", "same"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fastae", *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for _ in range(2)
+    ]
+    results = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    for run in runs:
+        run.stdout.close()
+        run.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert refused.count("\n") == 1 and "--out: same" in refused and "Traceback" not in refused
+    rows = (tmp_path / "same" / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch run on a .npy file: (folder, data file)."""
+    from fastae.data import load_dataset
+
+    base = tmp_path_factory.mktemp("finished")
+    np.save(base / "x.npy", load_dataset("digits").x[:200])
+    done = _run(["train", "--data", "x.npy", "--epochs", "2", "--out", "run"], base)
+    assert done.returncode == 0, done.stderr
+    return base / "run", base / "x.npy"
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _damaged(finished_run, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    damage(run / "checkpoint")
+    return run
+
+
+def _truncate(name):
+    def damage(checkpoint):
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+
+    return damage
+
+
+def _drop_history(checkpoint):
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["history"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+
+
+def _other_hidden(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model"]["hidden"] = [4]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage, commands, message",
+    [
+        (
+            _truncate("model.safetensors"),
+            ("eval", "resume"),
+            "run/checkpoint/model.safetensors: unreadable weights (",
+        ),
+        (
+            _truncate("optimizer.pt"),
+            ("eval", "resume"),
+            "run/checkpoint/optimizer.pt: unreadable optimizer state (",
+        ),
+        (
+            _drop_history,
+            ("resume",),  # eval needs no history
+            "run/checkpoint/state.json: got history NoneType, expected a list of 2 per-epoch "
+            "records",
+        ),
+        (
+            _other_hidden,
+            ("resume",),
+            "run/checkpoint/model.safetensors does not match config.json: checkpoint does not "
+            "match the model: decoder.0.weight: checkpoint shape (64, 8), model shape (64, 4)",
+        ),
+    ],
+    ids=["weights", "optimizer", "history", "hidden"],
+)
+def test_damaged_checkpoints_are_one_line_errors(
+    finished_run, tmp_path, monkeypatch, capsys, damage, commands, message
+):
+    monkeypatch.chdir(tmp_path)
+    run = _damaged(finished_run, tmp_path, damage)
+    before = _files(run)
+    for command in commands:
+        args = ["eval", "run"] if command == "eval" else ["train", "--resume", "--out", "run"]
+        assert _main([*args, "--epochs", "3"] if command == "resume" else args) == 2
+        err = capsys.readouterr().err
+        prefix = "RUN_DIR" if command == "eval" else "--out"
+        assert err.startswith(f"fastae {args[0]}: error: {prefix}: "), err
+        assert message in err and err.count("\n") == 1, err
+        assert _files(run) == before
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = _damaged(finished_run, tmp_path, lambda checkpoint: None)
+    data = finished_run[1]
+    original = data.read_bytes()
+    x = np.load(data)
+    recorded = json.loads((run / "checkpoint" / "config.json").read_text())["data"]["fingerprint"]
+    assert recorded["shape"] == [200, 64]
+    before = _files(run)
+    try:
+        for changed in (x + np.eye(200, 64, dtype=x.dtype), x[:, :60]):
+            np.save(data, changed)
+            assert _main(["train", "--resume", "--out", "run", "--epochs", "3"]) == 2
+            err = capsys.readouterr().err
+            digest = hashlib.sha256(changed.astype(np.float32).tobytes()).hexdigest()
+            assert err == (
+                f"fastae train: error: --data: {data} has changed since the run started: got "
+                f"shape {changed.shape} (sha256 {digest[:12]}), "
+                f"expected shape (200, 64) (sha256 {recorded['sha256'][:12]}) as recorded in "
+                f"run/checkpoint/config.json\n"
+            )
+            assert _files(run) == before
+    finally:
+        data.write_bytes(original)
+    shutil.rmtree(run)
+
+
+def test_compare_with_relu_skips_sparse_kl_and_says_why(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--activation", "relu", "--gamma", "0.001", "--epochs", "1"]
+    done = _run([*args, "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    note = "sparse-kl skipped (its KL penalty needs sigmoid codes, got --activation relu)"
+    assert note in done.stderr
+    table = (out / "compare.md").read_text()
+    assert "| sparse-kl |" not in table and table.rstrip().endswith(note)
+    assert len((out / "compare.csv").read_text().splitlines()) == 7

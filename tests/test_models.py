@@ -215,3 +215,20 @@ def test_checkpoint_write_leaves_a_complete_checkpoint(tmp_path):
 
 def test_exported_from_package():
     assert fastae.models.Autoencoder is Autoencoder
+
+
+def test_metrics_csv_has_one_column_order_for_fresh_and_resumed_runs(tmp_path):
+    x = np.random.default_rng(1).random((50, 10), dtype=np.float32)
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.01)
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    for run in (fresh, resumed):
+        run.mkdir()
+    fit(Autoencoder(10, (3,)), x[:40], x[40:], config, run_dir=str(fresh))
+    with pytest.raises(KeyboardInterrupt):
+        fit(Autoencoder(10, (3,)), x[:40], x[40:], config, run_dir=str(resumed), stop_at=(1, 0))
+    fit(Autoencoder(10, (3,)), x[:40], x[40:], config, run_dir=str(resumed), resume=True)
+
+    expected = "epoch,train_loss,train_reconstruction,train_penalty,val_loss,val_mse"
+    for run in (fresh, resumed):
+        lines = (run / "metrics.csv").read_text().splitlines()
+        assert lines[0] == expected and len(lines) == 4, run
