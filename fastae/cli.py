@@ -368,8 +368,8 @@ def _build_model(in_features: int, hidden, variant: str, kwargs: dict, seed: int
         return Autoencoder(in_features, hidden, variant=variant, seed=seed, **kwargs)
     except ValueError as error:
         name, sep, rest = str(error).partition(":")
-        raise UsageError(f"{_MODEL_FLAGS[name]}:{rest}" if sep and name in _MODEL_FLAGS
-                         else str(error)) from None  # fmt: skip
+        message = f"{_MODEL_FLAGS[name]}:{rest}" if sep and name in _MODEL_FLAGS else str(error)
+        raise UsageError(message) from None
 
 
 def _new_out(out: str | None, stem: str) -> str:
@@ -492,17 +492,19 @@ def _plan_resume(args: argparse.Namespace):
             "the run has done"
         )
     dataset, split = _load_split(source, label_column, val_fraction, train.seed)
-    expected = data.get("fingerprint") or {"shape": [dataset.x.shape[0], in_features]}
-    got = fingerprint(dataset.x)
-    if got["shape"][1:] != expected["shape"][1:] or got.get("sha256") != expected.get(
-        "sha256", got["sha256"]
-    ):
+    got, expected = fingerprint(dataset.x), data.get("fingerprint")
+    if expected is not None and got != expected:
         raise UsageError(
             f"--data: {source} has changed since the run started: got shape "
             f"{tuple(got['shape'])} (sha256 {got['sha256'][:12]}), expected shape "
-            f"{tuple(expected['shape'])}"
-            + (f" (sha256 {expected['sha256'][:12]})" if "sha256" in expected else "")
-            + f" as recorded in {config_file}"
+            f"{tuple(expected['shape'])} (sha256 {expected['sha256'][:12]}) as recorded in "
+            f"{config_file}"
+        )
+    if dataset.x.shape[1] != in_features:
+        # A run from before fingerprints were recorded: only the width can be checked.
+        raise UsageError(
+            f"--data: {source} has changed since the run started: got {dataset.x.shape[1]} "
+            f"features, expected {in_features} (the run's model)"
         )
     try:
         torch.manual_seed(train.seed)
@@ -818,6 +820,7 @@ def _eval(args: argparse.Namespace) -> int:
     from fastae.corruption import parse_corruption
     from fastae.data import DataError
     from fastae.data import MinMaxScaler
+    from fastae.data import fingerprint
     from fastae.data import load_dataset
     from fastae.metrics import evaluate_model
     from fastae.models import Autoencoder
@@ -843,8 +846,16 @@ def _eval(args: argparse.Namespace) -> int:
     seed = config["train"]["seed"]
     device = _device(args.device or config["train"]["device"])
     if args.data is None:
-        _, split = _load_split(data["source"], data["label_column"], data["val_fraction"], seed)
+        dataset, split = _load_split(
+            data["source"], data["label_column"], data["val_fraction"], seed
+        )
         x, where = split.x_val, f"the validation split of {data['source']}"
+        if data.get("fingerprint") not in (None, fingerprint(dataset.x)):
+            logger.warning(
+                "%s has changed since the run was trained: these metrics are of its current "
+                "contents",
+                data["source"],
+            )
     else:
         try:
             dataset = load_dataset(args.data, args.label_column)

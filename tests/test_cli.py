@@ -429,6 +429,22 @@ def test_resume_refuses_data_that_changed_since_the_run_started(
                 f"run/checkpoint/config.json\n"
             )
             assert _files(run) == before
+
+        # eval still reports on the file as it is now, and says that it changed.
+        np.save(data, x + np.eye(200, 64, dtype=x.dtype))
+        assert _main(["eval", "run"]) == 0
+        assert f"{data} has changed since the run was trained" in capsys.readouterr().err
+
+        # A run from before fingerprints were recorded: only the width is checked.
+        np.save(data, x[:, :60])
+        config = json.loads((run / "checkpoint" / "config.json").read_text())
+        del config["data"]["fingerprint"]
+        (run / "checkpoint" / "config.json").write_text(json.dumps(config))
+        assert _main(["train", "--resume", "--out", "run", "--epochs", "3"]) == 2
+        assert capsys.readouterr().err == (
+            f"fastae train: error: --data: {data} has changed since the run started: got 60 "
+            "features, expected 64 (the run's model)\n"
+        )
     finally:
         data.write_bytes(original)
     shutil.rmtree(run)
