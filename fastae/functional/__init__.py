@@ -1,6 +1,6 @@
 """The functional API: the fused encoder and the penalties built on its statistics.
 
-    h, stats = encode(x, weight, bias, activation, backend="auto", process_group=None)
+    h, stats = encode(x, weight, bias, activation, backend="auto", process_group=None, noise=None)
     loss = recon + lam * stats.contractive + beta * kl_sparsity(stats.rho_hat, rho)
            + gamma * stats.l1
 
@@ -28,6 +28,8 @@ from fastae.functional.deep import DeepEncodeResult
 from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import deep_contractive_penalty
 from fastae.functional.deep import deep_encode
+from fastae.functional.noise import Noise
+from fastae.functional.noise import check_noise
 from fastae.functional.stats import EncodeStats
 from fastae.functional.torch_encode import TorchEncodeFunction
 
@@ -35,6 +37,7 @@ __all__ = [
     "DeepEncodeResult",
     "DeepPenalty",
     "EncodeStats",
+    "Noise",
     "contractive_penalty",
     "deep_contractive_penalty",
     "deep_encode",
@@ -88,6 +91,7 @@ def encode(
     *,
     backend: str = "auto",
     process_group=None,
+    noise: Noise | None = None,
 ) -> tuple[Tensor, EncodeStats]:
     """One encoder layer h = f(x W^T + b) and its batch statistics in one fused pass.
 
@@ -99,6 +103,10 @@ def encode(
         backend: "auto", "torch" or "triton" (see the module docstring).
         process_group: a torch.distributed group; when given the statistics are means over the
             samples of every rank, with gradients scaled for DDP's averaging (DESIGN section 4).
+        noise: a fastae.functional.noise.Noise to encode a corrupted x~ instead of x (denoising):
+            h = f(x~ W^T + b) and the statistics of that pass. x~ is drawn from the key of
+            (noise.seed, noise.step) and drawn again in the backward, never saved; dL/dW uses
+            x~ and dL/dx is multiplied by dx~/dx. None (the default) encodes x itself.
 
     Returns:
         h of shape (*, H) in the dtype of x, and EncodeStats(contractive, rho_hat, l1) in fp32
@@ -106,6 +114,7 @@ def encode(
     """
     act = get_activation(activation)
     check_encode_args(x, weight, bias)
+    check_noise(noise)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
 
@@ -113,11 +122,11 @@ def encode(
         from fastae.functional.triton_encode import TritonEncodeFunction
 
         h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(
-            x2, weight, bias, act, process_group
+            x2, weight, bias, act, process_group, noise
         )
     else:
         h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(
-            x2, weight, bias, act, process_group
+            x2, weight, bias, act, process_group, noise
         )
     return h.reshape(*lead, weight.shape[0]), EncodeStats(contractive, rho_hat, l1)
 

@@ -15,6 +15,10 @@ Only x, W (inputs, not copies), h and the (H,) vector n are saved; delta and f' 
 from h. The matmul for dL/dx is skipped when x needs no gradient. Statistics accumulate in fp32
 (fp64 for fp64 inputs) whatever the input dtype. This path serves every machine without a GPU
 and is the yardstick for the Triton kernels.
+
+Denoising: with a Noise, the forward encodes x~ (fastae.functional.noise.draw) and drops it; the
+backward draws the same x~ again from the generator seeded with the same key, so the saved
+tensors are the same as without corruption. dL/dW uses delta^T x~ and dL/dx = (delta W) dx~/dx.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from fastae.functional.checks import stats_dtype
 from fastae.functional.distributed import all_reduce_sums
 from fastae.functional.distributed import is_distributed
 from fastae.functional.distributed import stat_grad_scale
+from fastae.functional.noise import draw
+from fastae.functional.noise import rank_of
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
@@ -46,11 +52,17 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
 
 
 class TorchEncodeFunction(torch.autograd.Function):
-    """h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(x, weight, bias, act, group)."""
+    """h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(x, weight, bias, act, group, noise).
+
+    noise: a fastae.functional.noise.Noise or None.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act, process_group):
-        h, contractive_sum, column_sum, l1_sum, n = _forward(x, weight, bias, act)
+    def forward(ctx, x, weight, bias, act, process_group, noise=None):
+        rank = rank_of(process_group) if noise is not None else 0
+        x_in = draw(x, noise, rank)[0] if noise is not None else x
+        h, contractive_sum, column_sum, l1_sum, n = _forward(x_in, weight, bias, act)
+        del x_in
         count = x.shape[0]
         total, world = count, 1
         if is_distributed(process_group):
@@ -60,6 +72,8 @@ class TorchEncodeFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight, h, n)
         ctx.act = act
+        ctx.noise = noise
+        ctx.rank = rank
         ctx.scale = stat_grad_scale(count, total, world)
         ctx.set_materialize_grads(False)
         return h, contractive_sum / total, column_sum / total, l1_sum / total
@@ -72,7 +86,12 @@ class TorchEncodeFunction(torch.autograd.Function):
         acc = n.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if not (need_x or need_w or need_b):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+
+        # x~ of the forward, drawn again from the same key (not saved).
+        keep = None
+        if ctx.noise is not None:
+            x, keep = draw(x, ctx.noise, ctx.rank)
 
         h_acc = h if h.dtype == acc else h.to(acc)
         fp = act.d1(h_acc)
@@ -99,6 +118,8 @@ class TorchEncodeFunction(torch.autograd.Function):
         # grad w.r.t. input
         if need_x:
             grad_x = delta @ weight
+            if keep is not None:
+                grad_x = grad_x.mul_(keep)
         # grad w.r.t. weight: delta^T x plus the term through the row norms n_j
         if need_w:
             if g_contractive is not None:
@@ -109,4 +130,4 @@ class TorchEncodeFunction(torch.autograd.Function):
         # grad w.r.t. bias
         if need_b:
             grad_b = delta.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
