@@ -90,8 +90,8 @@ def main() -> int:
                 materialize_noise._materialize_noise_kernel,
                 {"NOISE": noise, "STORE_KEEP": True, "ACC_DTYPE": common["ACC_DTYPE"]}
                 | {
-                    "BLOCK_B": materialize_noise._BLOCK_GPU,
-                    "BLOCK_D": materialize_noise._BLOCK_GPU,
+                    "BLOCK_B": materialize_noise._BLOCK,
+                    "BLOCK_D": materialize_noise._BLOCK,
                 },
                 dtype,
                 acc,
