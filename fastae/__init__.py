@@ -8,6 +8,8 @@ See README.md for the command line and the models.
 """
 
 from fastae import activations
+from fastae import models
+from fastae import nn
 from fastae import reference
 from fastae.functional import DeepEncodeResult
 from fastae.functional import DeepPenalty
@@ -32,5 +34,7 @@ __all__ = [
     "deep_encode",
     "encode",
     "kl_sparsity",
+    "models",
+    "nn",
     "reference",
 ]

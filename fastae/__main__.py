@@ -1,0 +1,5 @@
+"""`python -m fastae` is the `fastae` command."""
+
+from fastae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""Autoencoder variants built from FusedEncoder layers (DESIGN section 7).
+
+    variant        bottleneck by            loss
+    undercomplete  narrow hidden layer(s)   reconstruction
+    sparse-l1      activations              reconstruction + gamma * l1
+    sparse-kl      activations              reconstruction + beta * kl_sparsity(rho_hat, rho)
+    denoising      corrupted input          reconstruction of the clean x from x~
+    contractive    encoder Jacobian         reconstruction + lam * contractive
+
+One class, ``Autoencoder``, is configured by the variant and its weights. The encoder is a stack
+of FusedEncoder layers D -> H_1 -> ... -> H_k; the statistics the penalties need come out of the
+same pass as the codes. The sparsity penalties use the statistics of the code layer (the last
+one); the contractive penalty those of the single encoder layer. The decoder mirrors the encoder;
+with ``tied=True`` it uses the transpose of each encoder weight (one parameter per layer, only the
+decoder biases are new).
+
+``config`` is a JSON-ready dict of every constructor argument: ``Autoencoder(**config)`` builds
+the same model, so a checkpoint folder (weights + config) fully describes it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastae.activations import get_activation
+from fastae.corruption import Corruption
+from fastae.corruption import parse_corruption
+from fastae.functional import kl_sparsity
+from fastae.functional.checks import check_rho
+from fastae.nn import FusedEncoder
+
+__all__ = ["RECONSTRUCTIONS", "VARIANTS", "Autoencoder", "Losses", "check_targets"]
+
+VARIANTS = ("undercomplete", "sparse-l1", "sparse-kl", "denoising", "contractive")
+RECONSTRUCTIONS = ("mse", "bce")
+
+# The penalty weight that each variant turns on; the others must stay at zero.
+_VARIANT_WEIGHT = {"sparse-l1": "gamma", "sparse-kl": "beta", "contractive": "lam"}
+
+
+class Losses(NamedTuple):
+    """The loss of one batch and its parts."""
+
+    total: Tensor
+    """Scalar: reconstruction + lam * contractive + beta * kl + gamma * l1 (what is minimised)."""
+
+    reconstruction: Tensor
+    """Scalar: MSE (mean over every entry) or binary cross-entropy (same reduction)."""
+
+    penalty: Tensor
+    """Scalar: the weighted penalty part of ``total`` (0 for undercomplete and denoising)."""
+
+
+def check_targets(x: Tensor) -> None:
+    """Binary cross-entropy needs targets in [0, 1]; outside it the loss can go negative."""
+    low, high = torch.aminmax(x.detach())
+    low, high = low.item(), high.item()
+    if not (0.0 <= low and high <= 1.0):
+        raise ValueError(
+            f"reconstruction 'bce': got targets in [{low:.6g}, {high:.6g}], expected values in "
+            "[0, 1] (scale the data, or use reconstruction 'mse')"
+        )
+
+
+def _check_weight(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: got {value!r}, expected a number >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: got {value!r}, expected a finite number >= 0")
+    return float(value)
+
+
+class Autoencoder(torch.nn.Module):
+    """An autoencoder of any variant of DESIGN section 7.
+
+    Args:
+        in_features: D, the size of each sample.
+        hidden: the encoder widths H_1, ..., H_k (e.g. (32, 8)); the last is the code size.
+        variant: one of VARIANTS.
+        activation: the activation of every encoder layer and of the hidden decoder layers.
+        output_activation: the activation of the reconstruction ("sigmoid" for data in [0, 1]).
+        tied: decoder weight of each layer = the transpose of the encoder weight.
+        bias: whether the layers have biases.
+        reconstruction: "mse" or "bce" (needs output_activation "sigmoid" and targets in [0, 1]).
+        lam: weight of the contractive penalty (variant "contractive").
+        beta, rho: weight and target mean activation of the KL sparsity penalty ("sparse-kl").
+        gamma: weight of the L1 activation penalty ("sparse-l1").
+        noise: the input corruption, a Corruption or "KIND:LEVEL" text ("denoising").
+        seed: seed of the generator the corruption noise is drawn from.
+        backend: the fastae.encode backend of the encoder layers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...] | list[int] = (8,),
+        *,
+        variant: str = "undercomplete",
+        activation: str = "sigmoid",
+        output_activation: str = "sigmoid",
+        tied: bool = False,
+        bias: bool = True,
+        reconstruction: str = "mse",
+        lam: float = 0.0,
+        beta: float = 0.0,
+        rho: float = 0.05,
+        gamma: float = 0.0,
+        noise: Corruption | str | None = None,
+        seed: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features: got {in_features!r}, expected a positive integer")
+        hidden = tuple(hidden)
+        if not hidden or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
+        ):
+            raise ValueError(f"hidden: got {hidden!r}, expected one or more positive widths")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: got {variant!r}, expected one of {', '.join(VARIANTS)}")
+        act = get_activation(activation).name
+        out_act = get_activation(output_activation).name
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction: got {reconstruction!r}, expected 'mse' or 'bce'")
+        if reconstruction == "bce" and out_act != "sigmoid":
+            raise ValueError(
+                f"output_activation: got {out_act!r} with reconstruction 'bce', expected "
+                "'sigmoid' (cross-entropy needs reconstructions in (0, 1))"
+            )
+        weights = {
+            "lam": _check_weight("lam", lam),
+            "beta": _check_weight("beta", beta),
+            "gamma": _check_weight("gamma", gamma),
+        }
+        rho = check_rho(rho)
+        if isinstance(noise, str):
+            noise = parse_corruption(noise)
+
+        # Each variant turns on exactly its own part of the loss.
+        own = _VARIANT_WEIGHT.get(variant)
+        for name, value in weights.items():
+            if name == own and value == 0.0:
+                raise ValueError(f"{name}: got 0 for variant {variant!r}, expected a weight > 0")
+            if name != own and value != 0.0:
+                raise ValueError(
+                    f"{name}: got {value:g} for variant {variant!r}, expected 0 ({name} belongs "
+                    f"to variant {next(v for v, w in _VARIANT_WEIGHT.items() if w == name)!r})"
+                )
+        if variant == "denoising" and noise is None:
+            raise ValueError("noise: got None for variant 'denoising', expected a corruption")
+        if variant != "denoising" and noise is not None:
+            raise ValueError(
+                f"noise: got {noise.spec()!r} for variant {variant!r}, expected None "
+                "(input corruption belongs to variant 'denoising')"
+            )
+        if variant == "sparse-kl" and act != "sigmoid":
+            raise ValueError(
+                f"activation: got {act!r} for variant 'sparse-kl', expected 'sigmoid' (the KL "
+                "penalty needs codes in [0, 1])"
+            )
+        if variant == "contractive" and len(hidden) > 1:
+            # TODO(deep contractive): call the deep penalty in _contractive and drop this check.
+            raise ValueError(
+                f"hidden: got {len(hidden)} encoder layers {list(hidden)} for variant "
+                "'contractive', expected one: the contractive penalty of a deep encoder is not "
+                "implemented yet (give --hidden a single width, or choose another --variant)"
+            )
+
+        self.in_features = in_features
+        self.hidden = hidden
+        self.variant = variant
+        self.activation = act
+        self.output_activation = out_act
+        self.tied = bool(tied)
+        self.use_bias = bool(bias)
+        self.reconstruction = reconstruction
+        self.lam, self.beta, self.gamma = weights["lam"], weights["beta"], weights["gamma"]
+        self.rho = rho
+        self.noise: Corruption | None = noise
+        self.seed = int(seed)
+        self.backend = backend
+
+        widths = (in_features, *hidden)
+        self.encoder = torch.nn.ModuleList(
+            FusedEncoder(widths[i], widths[i + 1], act, bias=bias, backend=backend)
+            for i in range(len(hidden))
+        )
+        if self.tied:
+            # Layer i of the decoder maps H_{i+1} -> H_i with the weight W_i^T of encoder layer i;
+            # only its bias (started at zero) is a new parameter.
+            self.decoder = None
+            self.decoder_bias = (
+                torch.nn.ParameterList(
+                    torch.nn.Parameter(torch.zeros(widths[i])) for i in range(len(hidden))
+                )
+                if bias
+                else None
+            )
+        else:
+            self.decoder = torch.nn.ModuleList(
+                torch.nn.Linear(widths[i + 1], widths[i], bias=bias) for i in range(len(hidden))
+            )
+            self.decoder_bias = None
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> dict:
+        """Every constructor argument, JSON-ready: Autoencoder(**config) rebuilds this model."""
+        return {
+            "in_features": self.in_features,
+            "hidden": list(self.hidden),
+            "variant": self.variant,
+            "activation": self.activation,
+            "output_activation": self.output_activation,
+            "tied": self.tied,
+            "bias": self.use_bias,
+            "reconstruction": self.reconstruction,
+            "lam": self.lam,
+            "beta": self.beta,
+            "rho": self.rho,
+            "gamma": self.gamma,
+            "noise": self.noise.spec() if self.noise is not None else None,
+            "seed": self.seed,
+            "backend": self.backend,
+        }
+
+    @property
+    def code_size(self) -> int:
+        return self.hidden[-1]
+
+    # -- corruption noise ----------------------------------------------------------------------
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The generator the corruption noise is drawn from, seeded with ``seed`` on first use."""
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self._generator
+
+    def generator_state(self) -> Tensor | None:
+        """The state of the noise generator (for checkpoints), None if it never ran."""
+        if self._generator is not None:
+            return self._generator.get_state()
+        return self._generator_state
+
+    def set_generator_state(self, state: Tensor | None) -> None:
+        """Restore a state from generator_state(); the next noise continues from there."""
+        self._generator = None
+        self._generator_state = state
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        """x~: x with this model's corruption applied (x itself when it has none)."""
+        if self.noise is None:
+            return x
+        return self.noise(x, self.generator(x.device))
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The code h_k of x: (B, D) -> (B, H_k). No corruption (that belongs to training)."""
+        return self._encode_layers(x)[-1]
+
+    def decode_logits(self, h: Tensor) -> Tensor:
+        """The pre-activation of the reconstruction: (B, H_k) -> (B, D)."""
+        z = h
+        act = get_activation(self.activation)
+        for i in reversed(range(len(self.hidden))):
+            if self.tied:
+                bias = self.decoder_bias[i] if self.decoder_bias is not None else None
+                weight_t = self.encoder[i].weight
+                z = z @ weight_t if bias is None else torch.addmm(bias, z, weight_t)
+            else:
+                z = self.decoder[i](z)
+            if i > 0:
+                z = act.forward(z)
+        return z
+
+    def decode(self, h: Tensor) -> Tensor:
+        """The reconstruction x_hat of the code h: (B, H_k) -> (B, D)."""
+        return get_activation(self.output_activation).forward(self.decode_logits(h))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x_hat: (B, D) -> (B, D). In training mode a denoising model encodes the corrupted x~;
+        in eval mode nothing is corrupted."""
+        x_in = self.corrupt(x) if self.training else x
+        return self.decode(self.encode(x_in))
+
+    def loss(self, x: Tensor) -> Losses:
+        """The loss of the batch x (B, D): reconstruction of the clean x plus the penalties.
+
+        In training mode a denoising model reconstructs x from x~ (fresh noise every call).
+        """
+        if self.reconstruction == "bce":
+            check_targets(x)
+        x_in = self.corrupt(x) if self.training else x
+        codes = self._encode_layers(x_in)
+        logits = self.decode_logits(codes[-1])
+        if self.reconstruction == "bce":
+            reconstruction = F.binary_cross_entropy_with_logits(logits, x)
+        else:
+            x_hat = get_activation(self.output_activation).forward(logits)
+            reconstruction = F.mse_loss(x_hat, x)
+
+        code_stats = self.encoder[-1].last_stats
+        penalty = reconstruction.new_zeros(())
+        if self.lam:
+            penalty = penalty + self.lam * self._contractive(x_in, codes)
+        if self.beta:
+            penalty = penalty + self.beta * kl_sparsity(code_stats.rho_hat, self.rho)
+        if self.gamma:
+            penalty = penalty + self.gamma * code_stats.l1
+        penalty = penalty.to(reconstruction.dtype)
+        return Losses(reconstruction + penalty, reconstruction, penalty)
+
+    def _encode_layers(self, x: Tensor) -> list[Tensor]:
+        """The codes h_1, ..., h_k of every encoder layer (their statistics in last_stats)."""
+        codes = []
+        h = x
+        for layer in self.encoder:
+            h = layer(h)
+            codes.append(h)
+        return codes
+
+    def _contractive(self, x: Tensor, codes: list[Tensor]) -> Tensor:
+        """The contractive penalty of the encoder: mean over the batch of ||dh_k/dx||_F^2.
+
+        One layer: the closed form that the fused pass computed with the code. A deep encoder is
+        refused in __init__ until its penalty, a function of x, the layers and their codes, is
+        called here instead.
+        """
+        if len(codes) != 1:
+            raise NotImplementedError("the contractive penalty of a deep encoder")
+        return self.encoder[0].last_stats.contractive

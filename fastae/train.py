@@ -1,0 +1,309 @@
+"""The training loop, checkpoints and per-epoch metrics of fastae.
+
+A run lives in one folder:
+
+    RUN/checkpoint/config.json         model, training and data configuration (Autoencoder(**...))
+    RUN/checkpoint/model.safetensors   the weights
+    RUN/checkpoint/optimizer.pt        optimizer state and the state of the noise generator
+    RUN/checkpoint/state.json          completed epochs, per-epoch metrics, elapsed time
+    RUN/metrics.csv                    one row per epoch
+
+The checkpoint is written after every epoch, atomically: the four files go into a fresh
+``checkpoint.tmp`` folder, which then takes the place of ``checkpoint`` by renames (the old one
+is moved aside to ``checkpoint.old`` first and deleted last). A run killed at any moment leaves
+a complete checkpoint in ``checkpoint`` or, inside the rename window, in ``checkpoint.old``;
+load_checkpoint reads whichever is complete.
+
+Resuming gives the same weights, bit for bit, as a run that was never stopped: each epoch's
+shuffle comes from a generator seeded with (seed, epoch), and the corruption noise generator's
+state is part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from fastae.models import Autoencoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "TrainConfig",
+    "TrainResult",
+    "checkpoint_dir",
+    "fit",
+    "load_checkpoint",
+    "load_weights",
+    "run_config",
+    "save_checkpoint",
+]
+
+CHECKPOINT = "checkpoint"
+_TMP = CHECKPOINT + ".tmp"
+_OLD = CHECKPOINT + ".old"
+# The running loss on the progress bar is refreshed every this many steps (each costs a sync).
+_POSTFIX_EVERY = 10
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or mismatched checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train: full passes over the training split, Adam with a constant learning rate."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    """What fit() returns: per-epoch metrics and the training time of this process."""
+
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def checkpoint_dir(run_dir: str) -> str | None:
+    """The complete checkpoint folder of a run, or None when it has none."""
+    for name in (CHECKPOINT, _OLD):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(path, "state.json")):
+            return path
+    return None
+
+
+def save_checkpoint(
+    run_dir: str,
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    config: dict,
+    state: dict,
+) -> None:
+    """Write config, weights, optimizer state and training state as RUN/checkpoint, atomically."""
+    tmp = os.path.join(run_dir, _TMP)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "generator": model.generator_state()}, buffer)
+    _write_atomic(os.path.join(tmp, "optimizer.pt"), buffer.getvalue())
+    _write_atomic(os.path.join(tmp, "config.json"), _json_bytes(config))
+    _write_atomic(os.path.join(tmp, "state.json"), _json_bytes(state))
+
+    final, old = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, _OLD)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: str) -> tuple[dict, dict, dict, dict]:
+    """(config, weights, optimizer payload, state) of a run folder."""
+    path = checkpoint_dir(run_dir)
+    if path is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint found (expected {CHECKPOINT}/state.json)")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        payload = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({error})") from None
+    return config, weights, payload, state
+
+
+def load_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Load a state dict into model, all or nothing: any missing, unexpected or mis-shaped key is
+    an error that lists every one of them (no partial load)."""
+    expected = model.state_dict()
+    problems = []
+    for name in sorted(set(expected) | set(weights)):
+        if name not in weights:
+            problems.append(f"{name}: missing from the checkpoint")
+        elif name not in expected:
+            problems.append(f"{name}: not a parameter of the model")
+        elif tuple(weights[name].shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name}: checkpoint shape {tuple(weights[name].shape)}, model shape "
+                f"{tuple(expected[name].shape)}"
+            )
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+    model.load_state_dict(weights, strict=True)
+
+
+def _write_metrics_csv(run_dir: str, history: list[dict]) -> None:
+    if not history:
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    _write_atomic(os.path.join(run_dir, "metrics.csv"), out.getvalue().encode("utf-8"))
+
+
+def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator)
+
+
+def _validation(model: Autoencoder, x_val: torch.Tensor) -> dict:
+    model.eval()
+    with torch.no_grad():
+        losses = model.loss(x_val)
+        mse = torch.nn.functional.mse_loss(model(x_val), x_val).item()
+    model.train()
+    return {"val_loss": losses.total.item(), "val_mse": mse}
+
+
+def fit(
+    model: Autoencoder,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    config: TrainConfig,
+    *,
+    run_dir: str | None = None,
+    run_config: dict | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    stop_at: tuple[int, int] | None = None,
+) -> TrainResult:
+    """Train model on x_train, checkpointing into run_dir after every epoch.
+
+    Args:
+        model: the Autoencoder (its parameters are updated in place).
+        x_train, x_val: float32 arrays (N, D), scaled to the data range.
+        config: epochs (the total, counting epochs of a resumed run), batch size, lr, seed, device.
+        run_dir: the run folder; None trains without writing anything.
+        run_config: the JSON configuration stored as checkpoint/config.json.
+        resume: continue from the checkpoint in run_dir.
+        progress: show a tqdm bar (None: only on a terminal).
+        stop_at: (epoch, batch) at which to raise KeyboardInterrupt, to test interrupted runs.
+
+    Returns:
+        TrainResult with one dict of metrics per epoch (train loss, reconstruction and penalty
+        means over batches; validation loss and MSE in eval mode).
+    """
+    device = torch.device(config.device)
+    model.to(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    x_tr = torch.from_numpy(x_train).to(device)
+    x_va = torch.from_numpy(x_val).to(device)
+    history: list[dict] = []
+    start_epoch = 0
+    elapsed_before = 0.0
+
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume: got True without a run_dir, expected a run folder")
+        _, weights, payload, state = load_checkpoint(run_dir)
+        load_weights(model, weights)
+        optimizer.load_state_dict(payload["optimizer"])
+        model.set_generator_state(payload["generator"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        elapsed_before = float(state.get("train_seconds", 0.0))
+        logger.info("resuming %s from epoch %d of %d", run_dir, start_epoch, config.epochs)
+
+    count = x_tr.shape[0]
+    batches = math.ceil(count / config.batch_size)
+    bar = tqdm(
+        total=(config.epochs - start_epoch) * batches,
+        desc=f"{model.variant}",
+        unit="step",
+        disable=not progress if progress is not None else None,
+        leave=False,
+    )
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            order = _epoch_order(count, config.seed, epoch).to(device)
+            # Loss sums stay on the device: no host sync per step, only per epoch.
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            for step in range(batches):
+                if stop_at is not None and (epoch, step) == stop_at:
+                    raise KeyboardInterrupt(f"stop_at {stop_at}")
+                batch = x_tr[order[step * config.batch_size : (step + 1) * config.batch_size]]
+                losses = model.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                optimizer.step()
+
+                sums += torch.stack([part.detach() for part in losses]).double()
+                bar.update(1)
+                if step % _POSTFIX_EVERY == 0 or step == batches - 1:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{sums[0].item() / (step + 1):.4f}")
+
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": sums[0].item() / batches,
+                "train_reconstruction": sums[1].item() / batches,
+                "train_penalty": sums[2].item() / batches,
+                **_validation(model, x_va),
+            }
+            history.append(record)
+            logger.info(
+                "epoch %d/%d  train loss %.5f  val loss %.5f  val mse %.5f",
+                epoch + 1,
+                config.epochs,
+                record["train_loss"],
+                record["val_loss"],
+                record["val_mse"],
+            )
+            if run_dir is not None:
+                state = {
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "train_seconds": elapsed_before + time.perf_counter() - started,
+                }
+                save_checkpoint(run_dir, model, optimizer, run_config or {}, state)
+                _write_metrics_csv(run_dir, history)
+    finally:
+        bar.close()
+    return TrainResult(history, elapsed_before + time.perf_counter() - started)
+
+
+def run_config(model: Autoencoder, train: TrainConfig, data: dict) -> dict:
+    """The JSON configuration of a run: everything needed to rebuild its model and data."""
+    return {"model": model.config, "train": asdict(train), "data": data}
