@@ -30,6 +30,7 @@ from torch import Tensor
 from fastae.activations import get_activation
 from fastae.corruption import Corruption
 from fastae.corruption import parse_corruption
+from fastae.functional import Noise
 from fastae.functional import kl_sparsity
 from fastae.functional.checks import check_rho
 from fastae.nn import FusedEncoder
@@ -209,6 +210,8 @@ class Autoencoder(torch.nn.Module):
             self.decoder_bias = None
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        # Training steps that drew encoder noise so far: the step of the next Noise key.
+        self.noise_step = 0
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -261,10 +264,41 @@ class Autoencoder(torch.nn.Module):
         self._generator_state = state
 
     def corrupt(self, x: Tensor) -> Tensor:
-        """x~: x with this model's corruption applied (x itself when it has none)."""
+        """x~: x with this model's corruption applied (x itself when it has none), drawn in
+        PyTorch from the model's generator. Training uses it only when the first encoder layer
+        is not a FusedEncoder; otherwise the fused pass draws x~ itself (encoder_noise)."""
         if self.noise is None:
             return x
         return self.noise(x, self.generator(x.device))
+
+    def encoder_noise(self) -> Noise | None:
+        """The corruption for this training step as a fastae Noise keyed by (seed, noise_step),
+        for the first encoder layer to draw inside its fused pass; advances noise_step. None in
+        eval mode, for a model without corruption, or when the first layer is not fused."""
+        if self.noise is None or not self.training or not self._fused_noise():
+            return None
+        noise = Noise(
+            self.noise.kind,
+            self.noise.level,
+            self.noise.low,
+            self.noise.high,
+            seed=self.seed,
+            step=self.noise_step,
+        )
+        self.noise_step += 1
+        return noise
+
+    def _fused_noise(self) -> bool:
+        return isinstance(self.encoder[0], FusedEncoder)
+
+    def _train_input(self, x: Tensor) -> tuple[Tensor, Noise | None]:
+        """What the encoder gets in this mode: (x, Noise) when the fused pass corrupts, (x~,
+        None) when PyTorch does, (x, None) in eval mode or without corruption."""
+        if not self.training or self.noise is None:
+            return x, None
+        if self._fused_noise():
+            return x, self.encoder_noise()
+        return self.corrupt(x), None
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -294,8 +328,8 @@ class Autoencoder(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x_hat: (B, D) -> (B, D). In training mode a denoising model encodes the corrupted x~;
         in eval mode nothing is corrupted."""
-        x_in = self.corrupt(x) if self.training else x
-        return self.decode(self.encode(x_in))
+        x_in, noise = self._train_input(x)
+        return self.decode(self._encode_layers(x_in, noise)[-1])
 
     def loss(self, x: Tensor) -> Losses:
         """The loss of the batch x (B, D): reconstruction of the clean x plus the penalties.
@@ -304,8 +338,8 @@ class Autoencoder(torch.nn.Module):
         """
         if self.reconstruction == "bce":
             check_targets(x)
-        x_in = self.corrupt(x) if self.training else x
-        codes = self._encode_layers(x_in)
+        x_in, noise = self._train_input(x)
+        codes = self._encode_layers(x_in, noise)
         logits = self.decode_logits(codes[-1])
         if self.reconstruction == "bce":
             reconstruction = F.binary_cross_entropy_with_logits(logits, x)
@@ -324,12 +358,13 @@ class Autoencoder(torch.nn.Module):
         penalty = penalty.to(reconstruction.dtype)
         return Losses(reconstruction + penalty, reconstruction, penalty)
 
-    def _encode_layers(self, x: Tensor) -> list[Tensor]:
-        """The codes h_1, ..., h_k of every encoder layer (their statistics in last_stats)."""
+    def _encode_layers(self, x: Tensor, noise: Noise | None = None) -> list[Tensor]:
+        """The codes h_1, ..., h_k of every encoder layer (their statistics in last_stats); the
+        first layer corrupts its input with ``noise`` when one is given."""
         codes = []
         h = x
-        for layer in self.encoder:
-            h = layer(h)
+        for i, layer in enumerate(self.encoder):
+            h = layer(h, noise=noise) if i == 0 and noise is not None else layer(h)
             codes.append(h)
         return codes
 

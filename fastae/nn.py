@@ -4,7 +4,9 @@ FusedEncoder is a drop-in for ``nn.Linear`` followed by an activation: the same 
 (``weight`` of shape (H, D), ``bias`` of shape (H,)), the same initialisation, and it loads an
 ``nn.Linear`` state_dict. Its forward is one call to fastae.encode, so the statistics of the
 layer (contractive, rho_hat, l1; DESIGN section 2) come out of the same pass as the code h and
-are kept in ``last_stats`` for the loss to use.
+are kept in ``last_stats`` for the loss to use. A denoising model passes its input corruption
+as ``noise`` (a fastae.functional.Noise): the layer then encodes x~, drawn inside the fused
+pass, instead of x.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from fastae.activations import get_activation
 from fastae.functional import EncodeStats
+from fastae.functional import Noise
 from fastae.functional import encode
 
 __all__ = ["FusedEncoder"]
@@ -54,9 +57,14 @@ class FusedEncoder(torch.nn.Linear):
         self.backend = backend
         self.last_stats: EncodeStats | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (*, D) -> h: (*, H); the statistics of this batch go to ``last_stats``."""
-        h, stats = encode(x, self.weight, self.bias, self.activation, backend=self.backend)
+    def forward(self, x: Tensor, noise: Noise | None = None) -> Tensor:
+        """x: (*, D) -> h: (*, H); the statistics of this batch go to ``last_stats``.
+
+        With ``noise`` the layer encodes the corrupted x~ (see fastae.encode), not x.
+        """
+        h, stats = encode(
+            x, self.weight, self.bias, self.activation, backend=self.backend, noise=noise
+        )
         self.last_stats = stats
         return h
 

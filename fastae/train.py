@@ -4,7 +4,7 @@ A run lives in one folder:
 
     RUN/checkpoint/config.json         model, training and data configuration (Autoencoder(**...))
     RUN/checkpoint/model.safetensors   the weights
-    RUN/checkpoint/optimizer.pt        optimizer state and the state of the noise generator
+    RUN/checkpoint/optimizer.pt        optimizer state, noise generator state and noise step
     RUN/checkpoint/state.json          completed epochs, per-epoch metrics, elapsed time
     RUN/metrics.csv                    one row per epoch
 
@@ -15,8 +15,9 @@ a complete checkpoint in ``checkpoint`` or, inside the rename window, in ``check
 load_checkpoint reads whichever is complete.
 
 Resuming gives the same weights, bit for bit, as a run that was never stopped: each epoch's
-shuffle comes from a generator seeded with (seed, epoch), and the corruption noise generator's
-state is part of the checkpoint.
+shuffle comes from a generator seeded with (seed, epoch), and the corruption noise, keyed by the
+model's seed and its noise step counter (or drawn from its generator), has that counter and the
+generator's state in the checkpoint.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def save_checkpoint(
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "generator": model.generator_state()}, buffer)
+    payload = {"optimizer": optimizer.state_dict(), "generator": model.generator_state()}
+    payload["noise_step"] = model.noise_step
+    torch.save(payload, buffer)
     _write_atomic(os.path.join(tmp, "optimizer.pt"), buffer.getvalue())
     _write_atomic(os.path.join(tmp, "config.json"), _json_bytes(config))
     _write_atomic(os.path.join(tmp, "state.json"), _json_bytes(state))
@@ -241,6 +244,7 @@ def fit(
         load_weights(model, weights)
         optimizer.load_state_dict(payload["optimizer"])
         model.set_generator_state(payload["generator"])
+        model.noise_step = int(payload.get("noise_step", 0))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
         elapsed_before = float(state.get("train_seconds", 0.0))
