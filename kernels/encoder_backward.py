@@ -173,9 +173,20 @@ def _encoder_backward_weight_kernel(
             x_ptr + rows[:, None] * stride_xb + feats[None, :] * stride_xd, mask=x_mask, other=0.0
         )
         if NOISE != 0:
-            offsets = rows[:, None] * D + feats[None, :]
             x = corrupt_tile(
-                x, noise_key, offsets, x_mask, noise_level, noise_low, noise_high, NOISE, ACC_DTYPE
+                x,
+                noise_key,
+                rows,
+                pid_d * BLOCK_D,
+                D,
+                x_mask,
+                noise_level,
+                noise_low,
+                noise_high,
+                NOISE,
+                ACC_DTYPE,
+                BLOCK_B,
+                BLOCK_D,
             )
         acc = tl.dot(
             tl.trans(delta.to(x.dtype)), x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
@@ -283,9 +294,19 @@ def _encoder_backward_input_kernel(
             mask=tile_mask,
             other=0.0,
         )
-        offsets = rows[:, None] * D + feats[None, :]
         acc *= corrupt_derivative_tile(
-            x, noise_key, offsets, noise_level, noise_low, noise_high, NOISE, ACC_DTYPE
+            x,
+            noise_key,
+            rows,
+            pid_d * BLOCK_D,
+            D,
+            noise_level,
+            noise_low,
+            noise_high,
+            NOISE,
+            ACC_DTYPE,
+            BLOCK_B,
+            BLOCK_D,
         )
 
     # Store dL/dx.

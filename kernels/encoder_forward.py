@@ -128,9 +128,20 @@ def _encoder_forward_kernel(
             x_ptr + rows[:, None] * stride_xb + k[None, :] * stride_xd, mask=x_mask, other=0.0
         )
         if NOISE != 0:
-            offsets = rows[:, None] * D + k[None, :]
             x = corrupt_tile(
-                x, noise_key, offsets, x_mask, noise_level, noise_low, noise_high, NOISE, ACC_DTYPE
+                x,
+                noise_key,
+                rows,
+                k0,
+                D,
+                x_mask,
+                noise_level,
+                noise_low,
+                noise_high,
+                NOISE,
+                ACC_DTYPE,
+                BLOCK_B,
+                BLOCK_D,
             )
         # W^T tile, (BLOCK_D, BLOCK_H).
         w_t = tl.load(

@@ -51,9 +51,21 @@ def _materialize_noise_kernel(
     x = tl.load(
         x_ptr + rows[:, None] * stride_xb + feats[None, :] * stride_xd, mask=mask, other=0.0
     )
-    offsets = rows[:, None] * D + feats[None, :]
+    col_start = pid_d * BLOCK_D
     x_tilde = corrupt_tile(
-        x, noise_key, offsets, mask, noise_level, noise_low, noise_high, NOISE, ACC_DTYPE
+        x,
+        noise_key,
+        rows,
+        col_start,
+        D,
+        mask,
+        noise_level,
+        noise_low,
+        noise_high,
+        NOISE,
+        ACC_DTYPE,
+        BLOCK_B,
+        BLOCK_D,
     )
 
     # Store x~ (and dx~/dx), contiguous.
@@ -61,7 +73,18 @@ def _materialize_noise_kernel(
     tl.store(x_tilde_ptr + out, x_tilde, mask=mask)
     if STORE_KEEP:
         keep = corrupt_derivative_tile(
-            x, noise_key, offsets, noise_level, noise_low, noise_high, NOISE, ACC_DTYPE
+            x,
+            noise_key,
+            rows,
+            col_start,
+            D,
+            noise_level,
+            noise_low,
+            noise_high,
+            NOISE,
+            ACC_DTYPE,
+            BLOCK_B,
+            BLOCK_D,
         )
         tl.store(keep_ptr + out, keep.to(keep_ptr.dtype.element_ty), mask=mask)
 

@@ -20,7 +20,7 @@ from fastae.functional.noise import Noise
 from fastae.functional.noise import corrupt
 from fastae.kernels.encoder_forward import interpreted
 from fastae.kernels.noise import NOISE_CODES
-from fastae.kernels.noise import _uniform_pair
+from fastae.kernels.noise import draw_tile
 
 pytestmark = pytest.mark.skipif(
     not interpreted(), reason="interpreter tier: TRITON_INTERPRET=1 (tests/conftest.py sets it)"
@@ -190,6 +190,12 @@ def test_gaussian_is_normal_and_stays_in_range(backend):
     assert abs(z.mean().item()) <= 3 / math.sqrt(count)
     assert abs(z.std().item() - 1) <= 3 / math.sqrt(2 * count)
     assert abs((z.abs() < 1).double().mean().item() - 0.6826894921) <= 3 * math.sqrt(0.22 / count)
+    # Entries 4g .. 4g + 3 share one Philox call (and 4g, 4g + 1 one Box-Muller pair): they
+    # must still be uncorrelated, |r| within 3 / sqrt(n) of 0.
+    words = z.reshape(STAT_SHAPE[0], -1, 4).reshape(-1, 4)
+    for i, j in ((0, 1), (0, 2), (1, 3)):
+        r = torch.corrcoef(torch.stack([words[:, i], words[:, j]]))[0, 1].item()
+        assert abs(r) <= 3 / math.sqrt(words.shape[0]), (i, j, r)
 
     # Near the ends with a large sigma: every value in range, both ends reached by clipping,
     # dx~/dx = 0 exactly where clipped.
@@ -240,19 +246,21 @@ def test_noise_depends_on_the_logical_index_not_the_strides():
 
 
 def test_counter_uses_the_high_bits_of_int64_offsets():
-    # Entry r * D + c of a tensor past 2^32 entries must not reuse the numbers of entry
-    # (r * D + c) mod 2^32: Philox takes the high 32 bits as a second counter word.
+    # Rows past 2^32 counters must not reuse the numbers of the counter mod 2^32: Philox takes
+    # the high 32 bits as a second counter word. With D = 4 row r has counter r.
     @triton.jit
-    def uniforms(out_ptr, key, base, BLOCK: tl.constexpr):
-        offsets = base + tl.arange(0, BLOCK).to(tl.int64)
-        u0, _ = _uniform_pair(key, offsets)
-        tl.store(out_ptr + tl.arange(0, BLOCK), u0)
+    def uniforms(out_ptr, key, base, BLOCK_B: tl.constexpr):
+        rows = base + tl.arange(0, BLOCK_B).to(tl.int64)
+        draw = draw_tile(key, rows, 0, 4, False, BLOCK_B, 4)
+        offsets = tl.arange(0, BLOCK_B)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        tl.store(out_ptr + offsets, draw)
 
     key = Noise("masking", 0.5).key()
-    low, high = torch.empty(64), torch.empty(64)
-    uniforms[(1,)](low, key, 5, BLOCK=64)
-    uniforms[(1,)](high, key, 5 + 2**32, BLOCK=64)
+    low, high = torch.empty(16, 4), torch.empty(16, 4)
+    uniforms[(1,)](low, key, 5, BLOCK_B=16)
+    uniforms[(1,)](high, key, 5 + 2**32, BLOCK_B=16)
     assert (low != high).all()
+    assert low.min() >= 0 and low.max() < 1 and len(set(low.flatten().tolist())) == 64
 
 
 def test_keys_depend_on_seed_step_and_rank_only():

@@ -151,13 +151,14 @@ def draw(x: Tensor, noise: Noise, rank: int = 0) -> tuple[Tensor, Tensor]:
         keep = (y >= noise.low) & (y <= noise.high)
         return y.clamp_(noise.low, noise.high).to(x.dtype), keep
 
-    hit = torch.rand(x.shape, generator=gen, device=x.device, dtype=dtype) < noise.level
+    uniform = torch.rand(x.shape, generator=gen, device=x.device, dtype=dtype)
+    hit = uniform < noise.level
     if noise.kind == "masking":
         return x.masked_fill(hit, 0.0), ~hit
 
-    # salt-and-pepper: a second draw picks high (salt) or low (pepper) for each hit entry.
-    salt = torch.rand(x.shape, generator=gen, device=x.device, dtype=dtype) < 0.5
-    value = torch.where(salt, noise.high, noise.low).to(x.dtype)
+    # salt-and-pepper: given a hit, u / nu is uniform, so u < nu / 2 picks high (salt) or low
+    # (pepper) with probability 1/2 each, as in the kernels.
+    value = torch.where(uniform < 0.5 * noise.level, noise.high, noise.low).to(x.dtype)
     return torch.where(hit, value, x), ~hit
 
 
