@@ -7,6 +7,8 @@ checked against the PyTorch path and the reference run on that recovered x~ with
 """
 
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -361,3 +363,41 @@ def test_encode_refuses_noise_that_is_not_a_noise():
     x, weight, bias = data(3, 4, 5)
     with pytest.raises(TypeError, match=r"noise: got str, expected None or .*Noise"):
         fastae.encode(x, weight, bias, noise="masking:0.3")
+
+
+# Across processes: each rank corrupts its own samples with its own stream.
+
+
+def _rank_main(rank, world, init_file, out_dir, backend):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # The same local batch on both ranks: only the rank in the key tells their noise apart.
+        x, weight, bias = data(6, 8, 5, seed=9)
+        noise = Noise("masking", 0.4, seed=1, step=2)
+        h, _ = fastae.encode(
+            x, weight, bias, backend=backend, process_group=dist.group.WORLD, noise=noise
+        )
+        torch.save(h.detach(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_draw_different_noise():
+    # The Triton path (the torch path takes the rank from the same fastae.functional.noise.rank_of);
+    # one spawn of two processes costs ~10 s here.
+    backend = "triton"
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, backend), nprocs=2)
+        codes = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+
+    x, weight, bias = (t.detach() for t in data(6, 8, 5, seed=9))
+    noise = Noise("masking", 0.4, seed=1, step=2)
+    for rank, h in enumerate(codes):
+        x_tilde = corrupt(x, noise, backend, rank=rank)
+        want, _ = fastae.reference.encode(x_tilde, weight, bias)
+        torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(codes[0], codes[1])
