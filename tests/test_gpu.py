@@ -217,10 +217,16 @@ def _step_milliseconds(x, weight, bias, noises, repeats):
 
 
 def test_denoising_step_costs_at_most_1_1_times_a_clean_step(record_property):
-    # One kernel configuration (the tier's deterministic mode) for clean and noisy runs alike:
-    # autotuning four kinds of kernel at this size would not fit the time of gpu_check.sh. The
-    # ratio is printed (pytest -rA shows it) and recorded in the JUnit XML.
+    # Tuned kernels, as a user gets them: the draws of x~ are repeated H / BLOCK_H times per
+    # kernel, so the fixed first configuration (BLOCK_H = 64) would overstate their cost. Timed
+    # for gaussian (the costliest draw: Box-Muller) and masking (the default of the denoising
+    # variant; salt-and-pepper draws the same one uniform per entry and adds one select): all
+    # three would add eight compilations and autotuning runs to the time of gpu_check.sh. The
+    # ratio is printed (pytest -rA shows it; gpu_check.sh copies it into its summary) and
+    # recorded in the JUnit XML.
     from fastae.functional.noise import Noise
+
+    tuned()
 
     batch, features, hidden = DENOISING_SHAPE
     gen = torch.Generator().manual_seed(0)
@@ -233,7 +239,7 @@ def test_denoising_step_costs_at_most_1_1_times_a_clean_step(record_property):
         return None
 
     ratios = {}
-    for kind, level in NOISE_KINDS:
+    for kind, level in (("gaussian", 0.3), ("masking", 0.3)):
 
         def noisy(i, kind=kind, level=level):
             return Noise(kind, level, seed=1, step=i)
