@@ -4,7 +4,8 @@
     corrupted_mse    mean squared error between the reconstruction of corrupted validation
                      inputs x~ and the clean x (what a denoising model is trained for)
     jacobian         mean over validation samples of ||dh/dx||_F^2, h the code (the quantity a
-                     contractive model penalises), computed exactly layer by layer
+                     contractive model penalises), always exact and for the whole encoder: the
+                     chain-rule product of every layer, also where training estimated it
     mean_activation  mean of |h| over samples and code units (equal to the mean of h for
                      sigmoid codes)
     near_zero        fraction of code entries with |h| < NEAR_ZERO

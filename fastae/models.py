@@ -10,7 +10,11 @@
 One class, ``Autoencoder``, is configured by the variant and its weights. The encoder is a stack
 of FusedEncoder layers D -> H_1 -> ... -> H_k; the statistics the penalties need come out of the
 same pass as the codes. The sparsity penalties use the statistics of the code layer (the last
-one); the contractive penalty those of the single encoder layer. The decoder mirrors the encoder;
+one). The contractive penalty is the mean over the batch of ||dh_k/dx||_F^2 for the whole encoder:
+with one layer, the closed form the fused pass computed; with several, the Jacobian
+D_k W_k ... D_1 W_1 of fastae.functional.deep, from the codes the forward already computed,
+exact or estimated with random probes (``penalty_method``; ``last_penalty`` says which ran).
+The decoder mirrors the encoder;
 with ``tied=True`` it uses the transpose of each encoder weight (one parameter per layer, only the
 decoder biases are new).
 
@@ -33,6 +37,10 @@ from fastae.corruption import parse_corruption
 from fastae.functional import Noise
 from fastae.functional import kl_sparsity
 from fastae.functional.checks import check_rho
+from fastae.functional.deep import PENALTIES
+from fastae.functional.deep import DeepPenalty
+from fastae.functional.deep import choose_method
+from fastae.functional.deep import deep_contractive_penalty
 from fastae.nn import FusedEncoder
 
 __all__ = ["RECONSTRUCTIONS", "VARIANTS", "Autoencoder", "Losses", "check_targets"]
@@ -92,8 +100,17 @@ class Autoencoder(torch.nn.Module):
         beta, rho: weight and target mean activation of the KL sparsity penalty ("sparse-kl").
         gamma: weight of the L1 activation penalty ("sparse-l1").
         noise: the input corruption, a Corruption or "KIND:LEVEL" text ("denoising").
-        seed: seed of the generator the corruption noise is drawn from.
+        penalty_method: how the contractive penalty of a deep encoder is computed: "exact",
+            "estimate" (penalty_probes random probes per sample, unbiased) or "auto" (exact when
+            affordable; see fastae.functional.deep.choose_method). A one-layer encoder always
+            uses the exact closed form, unless "estimate" is asked for.
+        penalty_probes: k, the probes per sample of the estimate (None: DEFAULT_K).
+        seed: seed of the generator the corruption noise (and the probes) are drawn from.
         backend: the fastae.encode backend of the encoder layers.
+
+    Attributes:
+        last_penalty: DeepPenalty of the last contractive loss (value detached; method, side,
+            k), or None before the first one and for other variants.
     """
 
     def __init__(
@@ -112,6 +129,8 @@ class Autoencoder(torch.nn.Module):
         rho: float = 0.05,
         gamma: float = 0.0,
         noise: Corruption | str | None = None,
+        penalty_method: str = "auto",
+        penalty_probes: int | None = None,
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
@@ -165,12 +184,28 @@ class Autoencoder(torch.nn.Module):
                 f"activation: got {act!r} for variant 'sparse-kl', expected 'sigmoid' (the KL "
                 "penalty needs codes in [0, 1])"
             )
-        if variant == "contractive" and len(hidden) > 1:
-            # TODO(deep contractive): call the deep penalty in _contractive and drop this check.
+        if penalty_method not in PENALTIES:
             raise ValueError(
-                f"hidden: got {len(hidden)} encoder layers {list(hidden)} for variant "
-                "'contractive', expected one: the contractive penalty of a deep encoder is not "
-                "implemented yet (give --hidden a single width, or choose another --variant)"
+                f"penalty_method: got {penalty_method!r}, expected one of {', '.join(PENALTIES)}"
+            )
+        if penalty_probes is not None and (
+            isinstance(penalty_probes, bool)
+            or not isinstance(penalty_probes, int)
+            or penalty_probes < 1
+        ):
+            raise ValueError(
+                f"penalty_probes: got {penalty_probes!r}, expected a positive integer or None"
+            )
+        if variant != "contractive" and (penalty_method != "auto" or penalty_probes is not None):
+            raise ValueError(
+                f"penalty_method, penalty_probes: got {penalty_method!r}, {penalty_probes!r} for "
+                f"variant {variant!r}, expected 'auto', None (they belong to variant "
+                "'contractive')"
+            )
+        if penalty_method == "exact" and penalty_probes is not None:
+            raise ValueError(
+                f"penalty_probes: got {penalty_probes} with penalty_method 'exact', expected "
+                "None (probes are drawn by 'estimate' and 'auto' only)"
             )
 
         self.in_features = in_features
@@ -184,6 +219,8 @@ class Autoencoder(torch.nn.Module):
         self.lam, self.beta, self.gamma = weights["lam"], weights["beta"], weights["gamma"]
         self.rho = rho
         self.noise: Corruption | None = noise
+        self.penalty_method = penalty_method
+        self.penalty_probes = penalty_probes
         self.seed = int(seed)
         self.backend = backend
 
@@ -212,6 +249,7 @@ class Autoencoder(torch.nn.Module):
         self._generator_state: Tensor | None = None
         # Training steps that drew encoder noise so far: the step of the next Noise key.
         self.noise_step = 0
+        self.last_penalty: DeepPenalty | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -232,6 +270,8 @@ class Autoencoder(torch.nn.Module):
             "rho": self.rho,
             "gamma": self.gamma,
             "noise": self.noise.spec() if self.noise is not None else None,
+            "penalty_method": self.penalty_method,
+            "penalty_probes": self.penalty_probes,
             "seed": self.seed,
             "backend": self.backend,
         }
@@ -368,13 +408,38 @@ class Autoencoder(torch.nn.Module):
             codes.append(h)
         return codes
 
+    def penalty_plan(self, batch: int) -> dict:
+        """How the contractive penalty of a batch of ``batch`` samples will be computed, from the
+        shapes alone: {"method": "exact" or "estimate", "side": "code" or "input", "k": probes
+        (0 for exact)}. One layer with a method other than "estimate" is the closed form
+        (method "exact", side "code"). Raises ValueError for variants without the penalty."""
+        if self.variant != "contractive":
+            raise ValueError(f"variant: got {self.variant!r}, expected 'contractive'")
+        if len(self.hidden) == 1 and self.penalty_method != "estimate":
+            return {"method": "exact", "side": "code", "k": 0}
+        method, side, k = choose_method(
+            batch, (self.in_features, *self.hidden), penalty=self.penalty_method,
+            k=self.penalty_probes,
+        )  # fmt: skip
+        return {"method": method, "side": side, "k": k}
+
     def _contractive(self, x: Tensor, codes: list[Tensor]) -> Tensor:
         """The contractive penalty of the encoder: mean over the batch of ||dh_k/dx||_F^2.
 
-        One layer: the closed form that the fused pass computed with the code. A deep encoder is
-        refused in __init__ until its penalty, a function of x, the layers and their codes, is
-        called here instead.
+        One layer: the closed form that the fused pass computed with the code. Several layers:
+        the whole encoder's Jacobian D_k W_k ... D_1 W_1 from the codes h_1, ..., h_k of this
+        forward (no second pass), exact or estimated as penalty_method says; the probes come
+        from the model's generator, whose state the checkpoint keeps. ``x`` (the encoder's
+        input) is not needed: every f'_l comes from h_l.
         """
-        if len(codes) != 1:
-            raise NotImplementedError("the contractive penalty of a deep encoder")
-        return self.encoder[0].last_stats.contractive
+        if len(codes) == 1 and self.penalty_method != "estimate":
+            value = self.encoder[0].last_stats.contractive
+            self.last_penalty = DeepPenalty(value.detach(), "exact", "code", 0)
+            return value
+        layers = [(layer.weight, layer.bias, layer.activation) for layer in self.encoder]
+        result = deep_contractive_penalty(
+            codes, layers, penalty=self.penalty_method, k=self.penalty_probes,
+            generator=self.generator(codes[0].device),
+        )  # fmt: skip
+        self.last_penalty = result._replace(value=result.value.detach())
+        return result.value

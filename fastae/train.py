@@ -252,6 +252,15 @@ def fit(
 
     count = x_tr.shape[0]
     batches = math.ceil(count / config.batch_size)
+    if model.variant == "contractive":
+        plan = model.penalty_plan(min(config.batch_size, count))
+        logger.info(
+            "contractive penalty of the %d-layer encoder: %s (side %s, k %d)",
+            len(model.hidden),
+            plan["method"],
+            plan["side"],
+            plan["k"],
+        )
     bar = tqdm(
         total=(config.epochs - start_epoch) * batches,
         desc=f"{model.variant}",

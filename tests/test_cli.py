@@ -101,12 +101,16 @@ def test_compare_writes_one_table(tmp_path):
     done = _run(["compare", "--epochs", "1", "--out", str(out)], tmp_path)
     assert done.returncode == 0, done.stderr
     table = (out / "compare.md").read_text()
-    for model in ("undercomplete", "sparse-l1", "sparse-kl", "denoising", "contractive", "PCA"):
+    models = ("undercomplete", "sparse-l1", "sparse-kl", "denoising", "contractive")
+    for model in (*models, "deep contractive", "PCA"):
         assert f"| {model} |" in table
         assert f"| {model} |" in done.stdout
-    assert len((out / "compare.csv").read_text().splitlines()) == 7
+    assert len((out / "compare.csv").read_text().splitlines()) == 8
     assert (out / "compare.png").is_file()
     assert (out / "contractive" / "checkpoint" / "model.safetensors").is_file()
+    deep = json.loads((out / "deep-contractive" / "checkpoint" / "config.json").read_text())
+    assert deep["model"]["hidden"] == [32, 8]
+    assert "deep contractive 32,8, exact penalty" in table
 
 
 def test_no_command_prints_help(tmp_path):
@@ -131,7 +135,6 @@ def _bad_files(tmp_path):
         (["train", "--lambda", "-0.5"], "argument --lambda: got '-0.5', expected a number >= 0"),
         (["train", "--variant", "sparse-kl", "--rho", "1.5"], "argument --rho: got '1.5'"),
         (["train", "--variant", "denoising", "--noise", "masking:1.5"], "argument --noise"),
-        (["train", "--hidden", "32,8"], "--hidden: got 32,8 (2 encoder layers)"),
         (["train", "--gamma", "0.1"], "--gamma: applies to --variant sparse-l1"),
         (["train", "--variant", "sparse-l1", "--gamma", "0"], "--gamma: got 0"),
         (["train", "--epochs", "0"], "argument --epochs: got '0'"),

@@ -93,11 +93,6 @@ def test_kl_refuses_non_sigmoid_codes():
         Autoencoder(4, (2,), variant="sparse-kl", beta=1.0, activation="relu")
 
 
-def test_deep_contractive_is_refused():
-    with pytest.raises(ValueError, match="hidden: got 2 encoder layers.*not implemented yet"):
-        Autoencoder(8, (4, 2), variant="contractive", lam=0.1)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

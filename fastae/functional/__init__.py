@@ -155,7 +155,7 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
     # NOTE: one device sync per call; a wrong activation otherwise gives NaN or a silently wrong
     # penalty, and the check costs one (H,) reduction.
     low, high = torch.aminmax(rho_hat.detach())
-    if low.item() < 0.0 or high.item() > 1.0:
+    if not (0.0 <= low.item() and high.item() <= 1.0):  # NaN fails both comparisons
         raise ValueError(
             f"rho_hat: got values in [{low.item():.6g}, {high.item():.6g}], expected values in "
             "[0, 1]: the KL penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
@@ -179,10 +179,11 @@ def contractive_penalty(
 
     Args:
         x: (B, D) inputs; weight: (H, D); bias: (H,) or None; activation as in encode().
-        reduction: "mean" (over the batch), "sum", or "none" (the (B,) per-sample values).
+        reduction: "mean" (over the batch), "sum", or "none" (the per-sample values, in the
+            shape of x without its last dimension).
 
     Returns:
-        A scalar, or (B,) for reduction="none", in fp32 (fp64 for fp64 inputs).
+        A scalar, or (B,) (x.shape[:-1]) for reduction="none", in fp32 (fp64 for fp64 inputs).
     """
     check_reduction(reduction)
     if reduction != "none":
@@ -197,4 +198,4 @@ def contractive_penalty(
     x2 = x.reshape(-1, x.shape[-1])
     a = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     fp = act.d1(act.forward(a).to(acc))
-    return (fp * fp) @ weight.to(acc).square().sum(1)
+    return ((fp * fp) @ weight.to(acc).square().sum(1)).reshape(x.shape[:-1])

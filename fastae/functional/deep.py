@@ -54,6 +54,7 @@ __all__ = [
     "EXACT_BUDGET",
     "DeepEncodeResult",
     "DeepPenalty",
+    "choose_method",
     "deep_contractive_penalty",
     "deep_encode",
     "exact_cost",
@@ -162,6 +163,36 @@ def exact_cost(batch: int, widths: Sequence[int]) -> dict[str, int]:
     input_side = batch * dims[1] * features
     input_side += sum(batch * features * dims[i] * dims[i - 1] for i in range(2, depth + 1))
     return {"code": code_side, "input": input_side, "forward": forward}
+
+
+def choose_method(
+    batch: int,
+    widths: Sequence[int],
+    *,
+    penalty: str = "auto",
+    k: int | None = None,
+    side: str = "auto",
+) -> tuple[str, str, int]:
+    """How deep_contractive_penalty computes the penalty for widths [D, H_1, ..., H_L].
+
+    Returns (method, side, k) as in DeepPenalty: "auto" becomes "exact" when the cheaper side
+    costs at most EXACT_BUDGET forward passes, else "estimate"; side "auto" becomes the cheaper
+    side; k is the number of probes of an estimate (DEFAULT_K unless given), 0 for exact. The
+    choice needs only the shapes, so a model can report it before its first batch.
+    """
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty: got {penalty!r}, expected one of {', '.join(PENALTIES)}")
+    if side not in SIDES:
+        raise ValueError(f"side: got {side!r}, expected one of {', '.join(SIDES)}")
+    cost = exact_cost(batch, widths)
+    if penalty == "auto":
+        affordable = min(cost["code"], cost["input"]) <= EXACT_BUDGET * cost["forward"]
+        penalty = "exact" if affordable else "estimate"
+    if penalty == "estimate":
+        return "estimate", "input", DEFAULT_K if k is None else k
+    if side == "auto":
+        side = "code" if cost["code"] <= cost["input"] else "input"
+    return "exact", side, 0
 
 
 def _last_factor_cost(batch: int, code: int, first: int, features: int) -> int:
@@ -299,18 +330,12 @@ def deep_contractive_penalty(
 
     batch = derivs[0].shape[0]
     widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
-    cost = exact_cost(batch, widths)
-    cheaper = "code" if cost["code"] <= cost["input"] else "input"
-    if penalty == "auto":
-        affordable = min(cost["code"], cost["input"]) <= EXACT_BUDGET * cost["forward"]
-        penalty = "exact" if affordable else "estimate"
+    method, side, probes_k = choose_method(batch, widths, penalty=penalty, k=k, side=side)
 
-    if penalty == "estimate":
-        probes_k = DEFAULT_K if k is None else k
+    if method == "estimate":
         per_sample = _estimate(derivs, weights, probes_k, generator, probes)
         return DeepPenalty(per_sample.mean(), "estimate", "input", probes_k)
 
-    side = cheaper if side == "auto" else side
     if side == "code":
         per_sample = _exact_code_side(derivs, weights)
     else:
