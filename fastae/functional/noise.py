@@ -163,7 +163,7 @@ def draw(x: Tensor, noise: Noise, rank: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def corrupt(
-    x: Tensor, noise: Noise, backend: str = "auto", *, rank: int = 0, with_derivative=False
+    x: Tensor, noise: Noise, backend: str = "auto", *, rank: int = 0, with_derivative: bool = False
 ):
     """The x~ that fastae.encode(x, ..., noise=noise, backend=backend) encodes (a debug path).
 
