@@ -16,6 +16,12 @@ decoder biases are new).
 
 ``config`` is a JSON-ready dict of every constructor argument: ``Autoencoder(**config)`` builds
 the same model, so a checkpoint folder (weights + config) fully describes it.
+
+Across processes, ``set_process_group(group)`` makes every batch mean of the training loss a
+mean over the samples of all ranks (the encoder statistics and the reconstruction), with
+gradients scaled so that DistributedDataParallel's average over the ranks gives exactly the
+gradients of one process on the concatenated batch (DESIGN section 4). The group is a property
+of the running processes, not of the model: it is not part of ``config`` or the state_dict.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from fastae.corruption import Corruption
 from fastae.corruption import parse_corruption
 from fastae.functional import kl_sparsity
 from fastae.functional.checks import check_rho
+from fastae.functional.distributed import global_mean
 from fastae.nn import FusedEncoder
 
 __all__ = ["RECONSTRUCTIONS", "VARIANTS", "Autoencoder", "Losses", "check_targets"]
@@ -209,6 +216,7 @@ class Autoencoder(torch.nn.Module):
             self.decoder_bias = None
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        self.process_group = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -236,6 +244,13 @@ class Autoencoder(torch.nn.Module):
     @property
     def code_size(self) -> int:
         return self.hidden[-1]
+
+    def set_process_group(self, group) -> None:
+        """Reduce the batch means of the training loss over a torch.distributed group (None: this
+        process alone). In eval mode every mean stays local (see the module docstring)."""
+        self.process_group = group
+        for layer in self.encoder:
+            layer.process_group = group
 
     # -- corruption noise ----------------------------------------------------------------------
 
@@ -297,17 +312,35 @@ class Autoencoder(torch.nn.Module):
         x_in = self.corrupt(x) if self.training else x
         return self.decode(self.encode(x_in))
 
-    def loss(self, x: Tensor) -> Losses:
+    def loss(self, x: Tensor, *, corrupted: Tensor | None = None) -> Losses:
         """The loss of the batch x (B, D): reconstruction of the clean x plus the penalties.
 
-        In training mode a denoising model reconstructs x from x~ (fresh noise every call).
+        In training mode a denoising model reconstructs x from x~ (fresh noise every call), or
+        from ``corrupted`` when given: the trainer of several processes corrupts the global batch
+        and hands each rank its rows, so that the noise is that of one process.
         """
         if self.reconstruction == "bce":
             check_targets(x)
-        x_in = self.corrupt(x) if self.training else x
+        if corrupted is not None and tuple(corrupted.shape) != tuple(x.shape):
+            raise ValueError(
+                f"corrupted: got shape {tuple(corrupted.shape)}, expected the shape of x, "
+                f"{tuple(x.shape)}"
+            )
+        x_in = x
+        if self.training:
+            x_in = corrupted if corrupted is not None else self.corrupt(x)
         codes = self._encode_layers(x_in)
         logits = self.decode_logits(codes[-1])
-        if self.reconstruction == "bce":
+        group = self.process_group if self.training else None
+        if group is not None:
+            # A mean over every entry of every rank: local sum, global count (DESIGN section 4).
+            if self.reconstruction == "bce":
+                local = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+            else:
+                x_hat = get_activation(self.output_activation).forward(logits)
+                local = F.mse_loss(x_hat, x, reduction="sum")
+            reconstruction = global_mean(local, x.numel(), group)
+        elif self.reconstruction == "bce":
             reconstruction = F.binary_cross_entropy_with_logits(logits, x)
         else:
             x_hat = get_activation(self.output_activation).forward(logits)
