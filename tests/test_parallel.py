@@ -78,6 +78,12 @@ def _rank_main(rank, world, port, out_dir):
             if name == "adam":
                 results[name]["optimizer"] = optimizer.state_dict()
 
+        # In eval mode the group is not used: the loss of this rank's batch alone.
+        model = _model()
+        model.set_process_group(context.group)
+        with torch.no_grad():
+            results["eval"] = model.eval().loss(batches[0]).total
+
         x_train, x_val = _data(FIT_SAMPLES, seed=5), _data(7, seed=6)
         for variant in FIT_VARIANTS:
             model = _model(variant)
@@ -138,6 +144,16 @@ def test_sgd_steps_move_the_parameters(ranks):
     assert min((after[k] - before[k]).abs().max().item() for k in before) > 1e-4
 
 
+def test_eval_mode_keeps_to_the_local_batch(ranks):
+    x = torch.from_numpy(_data(2 * sum(LOCAL_SIZES), seed=4))
+    model = _model().eval()
+    with torch.no_grad():
+        for rank, size, start in zip(ranks, LOCAL_SIZES, (0, LOCAL_SIZES[0]), strict=True):
+            expected = model.loss(x[start : start + size]).total
+            torch.testing.assert_close(rank["eval"], expected, rtol=0, atol=1e-15)
+    assert not torch.allclose(ranks[0]["eval"], ranks[1]["eval"])
+
+
 @pytest.mark.parametrize("variant", list(FIT_VARIANTS))
 def test_fit_on_two_ranks_equals_one_process(ranks, variant):
     # Uneven last batch (5 samples: 3 and 2), fresh corruption noise per step for denoising,
@@ -167,6 +183,21 @@ def test_every_rank_gets_a_sample_of_every_batch(count, batch_size, world, small
         return
     with pytest.raises(ValueError, match=f"batch_size: got {batch_size} .* a batch of {smallest},"):
         parallel.check_shards(count, batch_size, world)
+
+
+def test_a_batch_size_that_leaves_a_rank_empty_is_refused(tmp_path, monkeypatch, capsys):
+    from fastae import cli
+
+    monkeypatch.chdir(tmp_path)
+    # digits: 1438 training samples, so batches of 1437 leave one sample for the last batch.
+    assert cli.main(["train", "--nproc", "2", "--batch-size", "1437", "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fastae train: error: --batch-size: got 1437 for 1438 training samples, which makes a "
+        "batch of 1, expected every batch to hold at least one sample for each of the 2 "
+        "processes; choose another batch size\n"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the command --------------------------------------------------------------------------------
