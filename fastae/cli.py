@@ -559,6 +559,11 @@ def _train_rank(args: argparse.Namespace) -> int:
         # A group with a failed operation cannot be left cleanly (destroying it, or the
         # interpreter's exit, can abort the process inside gloo): end here, status 1.
         os._exit(1)
+    except KeyboardInterrupt:
+        parallel.shutdown(context)
+        if not context.is_main:
+            return 130  # rank 0 (and the launcher) say it
+        raise
     except BaseException:
         parallel.shutdown(context)
         raise

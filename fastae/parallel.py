@@ -25,12 +25,14 @@ the rounding of sums taken in another order).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import multiprocessing.connection
 import os
 import re
 import signal
 import socket
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -64,6 +66,9 @@ DEFAULT_TIMEOUT = 60.0
 
 # Seconds launch() gives a process to end after SIGTERM before it sends SIGKILL.
 _GRACE = 3.0
+
+# prctl(2) option: the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -226,8 +231,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _end_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM when the launcher dies (SIGKILL, or a
+    SIGINT it does not get), so that no orphan goes on training and writing the run folder."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _process_main(index: int, world: int, port: int, target, args) -> None:
     """The body of each started process: the environment torchrun would set, then target."""
+    _end_with_parent()
     # tqdm's default lock is a multiprocessing semaphore, registered with the launcher's resource
     # tracker; a process killed by a signal cannot unregister it, and the tracker would print a
     # "leaked semaphore" warning after the launcher's error message. These processes share no
@@ -274,8 +289,15 @@ def _first_failure(processes) -> tuple[int, int] | None:
     return None
 
 
-def _stop(processes) -> None:
-    """SIGTERM every living process, then SIGKILL those still there after a grace period."""
+def _stop(processes, wait_first: bool = False) -> None:
+    """SIGTERM every living process, then SIGKILL those still there after a grace period.
+
+    wait_first: give them a grace period to end on their own first (after a Ctrl-C, which they
+    got too, and after which rank 0 says how to resume).
+    """
+    if wait_first:
+        for process in processes:
+            process.join(_GRACE)
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -312,19 +334,33 @@ def launch(nproc: int, target, args) -> None:
         target: a module-level function (it is pickled by name) returning an exit status.
         args: its argument (picklable).
     """
-    context = mp.start_processes(
-        _process_main,
-        args=(nproc, _free_port(), target, args),
-        nprocs=nproc,
-        join=False,
-        start_method="spawn",
-    )
-    processes = context.processes
+
+    def _terminated(signum, frame):
+        raise LaunchError(f"got {signal.Signals(signum).name}; stopped the processes")
+
+    # SIGTERM to the launcher ends its processes too (only the main thread may set handlers).
+    handles_term = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if handles_term else None
     try:
-        failure = _first_failure(processes)
-    except BaseException:
-        _stop(processes)
-        raise
+        context = mp.start_processes(
+            _process_main,
+            args=(nproc, _free_port(), target, args),
+            nprocs=nproc,
+            join=False,
+            start_method="spawn",
+        )
+        processes = context.processes
+        try:
+            failure = _first_failure(processes)
+        except KeyboardInterrupt:
+            _stop(processes, wait_first=True)
+            raise
+        except BaseException:
+            _stop(processes)
+            raise
+    finally:
+        if handles_term:
+            signal.signal(signal.SIGTERM, previous)
     if failure is not None:
         _stop(processes)
         rank, code = failure
