@@ -498,6 +498,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_rank(args)
     if (args.nproc or 1) > 1:
         return _train_launch(args)
+    if args.dist_timeout is not None:
+        raise UsageError("--dist-timeout: applies to several processes, expected --nproc N > 1")
     return _train_run(args, _plan(args), None)
 
 
@@ -544,11 +546,14 @@ def _train_rank(args: argparse.Namespace) -> int:
     if not context.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        code = _train_run(args, plan, context)
+        return _train_run(args, plan, context)
+    except KeyboardInterrupt:
+        if not context.is_main:
+            return 130  # rank 0 (and the launcher) say it
+        raise
     except Exception as error:
         what = parallel.collective_failure(error)
         if what is None:
-            parallel.shutdown(context)
             raise
         sys.stdout.flush()
         sys.stderr.write(
@@ -557,18 +562,11 @@ def _train_rank(args: argparse.Namespace) -> int:
         )
         sys.stderr.flush()
         # A group with a failed operation cannot be left cleanly (destroying it, or the
-        # interpreter's exit, can abort the process inside gloo): end here, status 1.
+        # interpreter's exit, can abort the process inside gloo): end here, status 1, without
+        # the finally below.
         os._exit(1)
-    except KeyboardInterrupt:
+    finally:
         parallel.shutdown(context)
-        if not context.is_main:
-            return 130  # rank 0 (and the launcher) say it
-        raise
-    except BaseException:
-        parallel.shutdown(context)
-        raise
-    parallel.shutdown(context)
-    return code
 
 
 def _train_run(args: argparse.Namespace, plan, context) -> int:

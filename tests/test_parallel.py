@@ -185,18 +185,33 @@ def test_every_rank_gets_a_sample_of_every_batch(count, batch_size, world, small
         parallel.check_shards(count, batch_size, world)
 
 
-def test_a_batch_size_that_leaves_a_rank_empty_is_refused(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # digits: 1438 training samples, so batches of 1437 leave one sample for the last batch.
+        (
+            ["--nproc", "2", "--batch-size", "1437"],
+            "--batch-size: got 1437 for 1438 training samples, which makes a batch of 1, "
+            "expected every batch to hold at least one sample for each of the 2 processes; "
+            "choose another batch size",
+        ),
+        (["--nproc", "0"], "argument --nproc: got '0', expected a positive integer"),
+        (["--dist-timeout", "5"], "--dist-timeout: applies to several processes"),
+        (["--nproc", "2", "--dist-timeout", "0"], "argument --dist-timeout: got '0'"),
+    ],
+)
+def test_bad_input_for_several_processes_is_one_line_before_any_starts(
+    tmp_path, monkeypatch, capsys, args, message
+):
     from fastae import cli
 
     monkeypatch.chdir(tmp_path)
-    # digits: 1438 training samples, so batches of 1437 leave one sample for the last batch.
-    assert cli.main(["train", "--nproc", "2", "--batch-size", "1437", "--out", "run"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        raise SystemExit(cli.main(["train", *args, "--out", "run"]))
     err = capsys.readouterr().err
-    assert err == (
-        "fastae train: error: --batch-size: got 1437 for 1438 training samples, which makes a "
-        "batch of 1, expected every batch to hold at least one sample for each of the 2 "
-        "processes; choose another batch size\n"
-    )
+    assert exited.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("fastae"), err
+    assert message in err
     assert list(tmp_path.iterdir()) == []
 
 
