@@ -50,7 +50,7 @@ def _optimizer(name, model):
 
 
 def _steps(model, optimizer, batches, context):
-    """Two steps of train_step on this rank's batches; the losses and the optimizer state."""
+    """One train_step per batch (of this rank); the total loss of each step."""
     model.set_process_group(context.group if context is not None else None)
     step_module = parallel.wrap(model, context)
     totals = [train_step(step_module, optimizer, batch).total.item() for batch in batches]
