@@ -320,8 +320,12 @@ def bench_case(
                 progress(f"{name} failed: {result.error}")
 
     timer = _timer(device)
+    order = list(fns)
     for round_ in range(repeats):
-        for name, (forward, forward_backward) in fns.items():
+        # Each round starts one candidate later, so that none always runs first or last.
+        shift = round_ % max(1, len(order))
+        for name in order[shift:] + order[:shift]:
+            forward, forward_backward = fns[name]
             if name == "jacobian" and round_ % JACOBIAN_ROUND_STRIDE and round_ >= 3:
                 continue
             results[name].forward.append(timer(forward))
