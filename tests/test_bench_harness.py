@@ -90,3 +90,39 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def _record(shape, dtype, medians, saved=None):
+    saved = saved or {}
+    candidates = {}
+    for name, median in medians.items():
+        candidates[name] = {"status": "ok", "forward_backward": {"median_ms": median}}
+        if name in saved:
+            candidates[name]["saved_vs_h"] = saved[name]
+    b, d, h = shape
+    return {"shape": {"B": b, "D": d, "H": h}, "dtype": dtype, "candidates": candidates}
+
+
+def test_targets_on_cpu():
+    record = _record(
+        (256, 784, 512),
+        "fp32",
+        {"fastae-torch": 3.0, "eager": 4.0, "compile": 2.5, "floor": 2.0},
+        {"fastae-torch": 1.02, "eager": 4.02},
+    )
+    targets = {t["target"].split(": ", 1)[1]: t for t in bench.check_targets([record], "cpu")}
+    assert targets["fastae-torch fwd+bwd / eager <= 0.85"]["value"] == pytest.approx(0.75)
+    assert targets["fastae-torch fwd+bwd / eager <= 0.85"]["met"] is True
+    assert targets["fastae-torch fwd+bwd / compile <= 1.0"]["value"] == pytest.approx(1.2)
+    assert targets["fastae-torch fwd+bwd / compile <= 1.0"]["met"] is False
+    assert targets["fastae-torch fwd+bwd / floor <= 1.5"]["met"] is True
+    assert targets["fastae-torch bytes saved / h <= 1.1"]["met"] is True
+
+
+def test_targets_on_cuda_and_missing_candidates():
+    big = _record((8192, 4096, 16384), "bf16", {"fastae-triton": 11.0, "floor": 10.0})
+    small = _record((256, 784, 512), "bf16", {"compile": 0.3, "fastae-torch": 1.0})
+    targets = bench.check_targets([big, small], "cuda")
+    assert targets[0]["value"] == pytest.approx(1.1) and targets[0]["met"] is True
+    # No Triton result at the small shape: reported as not measured, not as met.
+    assert targets[1]["value"] is None and targets[1]["met"] is None
