@@ -386,7 +386,20 @@ def machine_info(device: str) -> dict[str, object]:
         info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = os.getloadavg()[0]
+    info["cpu_pressure_start"] = cpu_pressure()
     return info
+
+
+def cpu_pressure() -> float | None:
+    """Linux only: the share of the last 10 s in which some runnable task waited for a CPU, in
+    percent (/proc/pressure/cpu). Anything well above 0 means other work shared the machine and
+    the times below are inflated, the more so for candidates made of many small ops."""
+    try:
+        with open("/proc/pressure/cpu", encoding="utf-8") as f:
+            found = re.search(r"avg10=([0-9.]+)", f.readline())
+        return float(found.group(1)) if found else None
+    except OSError:
+        return None
 
 
 def machine_slug(info: dict[str, object]) -> str:
@@ -696,9 +709,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if hasattr(os, "getloadavg"):
         info["load_average_end"] = os.getloadavg()[0]
+    info["cpu_pressure_end"] = cpu_pressure()
 
     targets = check_targets(records, device)
     table = format_table(records)
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} CPUs)"
+    sys.stdout.write(
+        f"{where}; torch {info['torch']}, triton {info['triton']}, "
+        f"{info['torch_threads']} threads, compile mode {info['compile_mode']}; "
+        f"CPU pressure {info['cpu_pressure_start']} -> {info['cpu_pressure_end']} %\n"
+    )
     sys.stdout.write(table + "\n")
     if targets:
         sys.stdout.write(format_targets(targets) + "\n")
@@ -706,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     info["date_utc"] = stamp.isoformat(timespec="seconds")
-    stem = f"{machine_slug(info)}_{'-'.join(dtypes)}_{stamp.strftime('%Y%m%d')}"
+    stem = f"{machine_slug(info)}_{'-'.join(dtypes)}_{stamp.strftime('%Y%m%d-%H%M')}"
     document = {
         "machine": info,
         "dtypes": dtypes,
