@@ -38,6 +38,8 @@ FASTAE_GPU_TESTS=1 timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -m gpu tests/ -rA
     --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
 TEST_RC=$?
 echo "gpu tests: exit $TEST_RC (124 = timed out after ${TEST_TIMEOUT}s)" | tee "$OUT/summary.txt"
+# The cost of a denoising encoder step against a clean one (printed by tests/test_gpu.py).
+grep -h "denoising step" "$OUT/gpu-tests.txt" | sort -u | tee -a "$OUT/summary.txt"
 
 # 2. Kernel benchmarks.
 if "$PYTHON" -c "import importlib.util, sys; \

@@ -14,6 +14,7 @@ from fastae import reference
 from fastae.functional import DeepEncodeResult
 from fastae.functional import DeepPenalty
 from fastae.functional import EncodeStats
+from fastae.functional import Noise
 from fastae.functional import contractive_penalty
 from fastae.functional import deep_contractive_penalty
 from fastae.functional import deep_encode
@@ -26,6 +27,7 @@ __all__ = [
     "DeepEncodeResult",
     "DeepPenalty",
     "EncodeStats",
+    "Noise",
     "activations",
     "contractive_penalty",
     "deep_contractive_penalty",

@@ -1,7 +1,8 @@
 """The `fastae` command (also `python -m fastae`).
 
     fastae train [flags]           train one autoencoder; with no flags, a contractive AE on the
-                                   bundled digits
+                                   bundled digits; --nproc N trains on N processes
+                                   (torch.distributed), as does torchrun ... -m fastae train
     fastae compare [flags]         train every variant and PCA at the same bottleneck, one table
     fastae eval RUN_DIR [--data]   reload a run and report the metrics of `compare`
     fastae bench [...]             the speed benchmarks (fastae.bench)
@@ -92,6 +93,11 @@ _COMPARE_COLUMNS = [
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """A run that failed after it started (a process of a parallel run died): one line, exit
+    status 1."""
 
 
 # -- argument types ------------------------------------------------------------------------------
@@ -266,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"epochs per layer with --stacked ({DEFAULT_PRETRAIN_EPOCHS})",
     )
+    train.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=None,
+        help="train on N processes of this machine with DistributedDataParallel (gloo on the "
+        "CPU, nccl with one GPU each on cuda); --batch-size is the global batch (default 1)",
+    )
+    train.add_argument(
+        "--dist-timeout",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="with several processes: how long a process waits for the others before the run "
+        "ends with an error (default 60)",
+    )
 
     compare = commands.add_parser("compare", help="train every variant and PCA, one table")
     _add_training_flags(compare)
@@ -299,8 +320,9 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _set_threads(device: str, model) -> None:
-    """One intra-op thread for small models on the CPU.
+def _set_threads(device: str, model, processes: int = 1) -> None:
+    """One intra-op thread for small models on the CPU; larger models share the cores between
+    the processes of the machine.
 
     NOTE: on the 2-core CI machine, while other jobs ran, 450 steps of the default contractive
     model (64-8, batch 32) took 0.22 s with one thread and 6.0 s with two: for matmuls this small
@@ -308,9 +330,13 @@ def _set_threads(device: str, model) -> None:
     """
     import torch
 
+    if torch.device(device).type != "cpu":
+        return
     widest = max((model.in_features, *model.hidden))
-    if torch.device(device).type == "cpu" and model.in_features * widest <= _SMALL_MODEL:
+    if model.in_features * widest <= _SMALL_MODEL:
         torch.set_num_threads(1)
+    elif processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
 
 
 def _source(data: str | None) -> str:
@@ -561,7 +587,113 @@ def _plan_new(args: argparse.Namespace):
     return model, train, data, dataset, split, out
 
 
+def _plan(args: argparse.Namespace):
+    return _plan_resume(args) if args.resume else _plan_new(args)
+
+
+def _check_processes(nproc: int, train, split) -> None:
+    """What several processes need of the flags, checked before any process starts."""
+    import torch
+
+    from fastae.parallel import check_shards
+
+    try:
+        check_shards(split.x_train.shape[0], train.batch_size, nproc, "--batch-size")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    device = torch.device(train.device)
+    if device.type == "cuda" and device.index is not None:
+        raise UsageError(
+            f"--device: got {train.device!r} with {nproc} processes, expected 'cuda' (the "
+            "process of local rank r uses cuda:r)"
+        )
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UsageError(
+            f"--nproc: got {nproc} processes on --device cuda, expected at most "
+            f"{torch.cuda.device_count()} (one per CUDA device)"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
+    from fastae import parallel
+
+    if parallel.launched():
+        return _train_rank(args)
+    if (args.nproc or 1) > 1:
+        return _train_launch(args)
+    if args.dist_timeout is not None:
+        raise UsageError("--dist-timeout: applies to several processes, expected --nproc N > 1")
+    return _train_run(args, _plan(args), None)
+
+
+def _train_launch(args: argparse.Namespace) -> int:
+    """`fastae train --nproc N`: check everything here, then start the N processes."""
+    from fastae import parallel
+
+    _, train, _, _, split, out = _plan(args)
+    _check_processes(args.nproc, train, split)
+    args.out = out
+    backend = "nccl" if train.device.startswith("cuda") else "gloo"
+    logger.info("starting %d processes (%s)", args.nproc, backend)
+    try:
+        parallel.launch(args.nproc, _launched_train, args)
+    except parallel.LaunchError as error:
+        raise RunError(str(error)) from None
+    return 0
+
+
+def _launched_train(args: argparse.Namespace) -> int:
+    """One process of `fastae train --nproc N` (parallel.launch starts it)."""
+    _configure_logging()
+    return _run_command("train", _train, args)
+
+
+def _train_rank(args: argparse.Namespace) -> int:
+    """One of the processes started by torchrun or `--nproc`: join the group, then train."""
+    from fastae import parallel
+
+    world = parallel.world_size_from_env()
+    if args.nproc is not None and args.nproc != world:
+        raise UsageError(
+            f"--nproc: got {args.nproc} in a run of {world} processes (torchrun), expected no "
+            "--nproc"
+        )
+    plan = _plan(args)
+    _check_processes(world, plan[1], plan[4])
+    # init_process_group returns once every rank has joined, so every rank has finished the
+    # checks above (of --out among them) before rank 0 creates anything.
+    try:
+        context = parallel.init(plan[1].device, args.dist_timeout or parallel.DEFAULT_TIMEOUT)
+    except ValueError as error:
+        raise UsageError(f"--device: {error}") from None
+    if not context.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _train_run(args, plan, context)
+    except KeyboardInterrupt:
+        if not context.is_main:
+            return 130  # rank 0 (and the launcher) say it
+        raise
+    except Exception as error:
+        what = parallel.collective_failure(error)
+        if what is None:
+            raise
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"fastae train: error: process {context.rank} of {context.world_size} lost the "
+            f"other processes: {what}\n"
+        )
+        sys.stderr.flush()
+        # A group with a failed operation cannot be left cleanly (destroying it, or the
+        # interpreter's exit, can abort the process inside gloo): end here, status 1, without
+        # the finally below.
+        os._exit(1)
+    finally:
+        parallel.shutdown(context)
+
+
+def _train_run(args: argparse.Namespace, plan, context) -> int:
+    """Train the planned run, on one process (context None) or as one rank of several."""
     import torch
 
     from fastae import plots
@@ -571,9 +703,10 @@ def _train(args: argparse.Namespace) -> int:
     from fastae.train import inactive_codes_message
     from fastae.train import run_config
 
-    # 1. Every input is checked before anything is written.
-    plan = _plan_resume if args.resume else _plan_new
-    model, train, data, dataset, split, out = plan(args)
+    # 1. Every input was checked (the plan) before anything is written.
+    model, train, data, dataset, split, out = plan
+    main = context is None or context.is_main
+    device = str(context.device) if context is not None else train.device
     data = {
         **data,
         "scaler": {"low": split.scaler.low, "high": split.scaler.high},
@@ -592,40 +725,51 @@ def _train(args: argparse.Namespace) -> int:
         pretrain_epochs = args.pretrain_epochs or DEFAULT_PRETRAIN_EPOCHS
         config["pretrain"] = {"epochs_per_layer": pretrain_epochs}
 
-    # 2. Train (after layer-wise pretraining with --stacked), checkpointing every epoch.
-    _set_threads(train.device, model)
-    if not args.resume:
-        out = _claim_out(out, chosen=args.out is not None)
-    logger.info(
-        "training %s %s on %s (%d train, %d validation samples) into %s",
-        model.variant,
-        "-".join(map(str, (model.in_features, *model.hidden))),
-        dataset.name,
-        split.x_train.shape[0],
-        split.x_val.shape[0],
-        out,
-    )
+    # 2. Train (after layer-wise pretraining with --stacked), checkpointing every epoch (rank 0
+    # alone writes).
+    _set_threads(device, model, context.world_size if context is not None else 1)
+    if main:
+        if not args.resume:
+            out = _claim_out(out, chosen=args.out is not None)
+        logger.info(
+            "training %s %s on %s (%d train, %d validation samples) into %s%s",
+            model.variant,
+            "-".join(map(str, (model.in_features, *model.hidden))),
+            dataset.name,
+            split.x_train.shape[0],
+            split.x_val.shape[0],
+            out,
+            f" on {context.world_size} processes" if context is not None else "",
+        )
     pretrain_seconds = 0.0
     if pretrain_epochs is not None:
         from fastae.stacked import pretrain
 
+        # Every rank pretrains the same way from the same seed; DistributedDataParallel then
+        # starts the fine-tuning from rank 0's parameters.
         stages = pretrain(model, split.x_train, split.x_val, train, pretrain_epochs)
         pretrain_seconds = sum(stage.train_seconds for stage in stages)
         config["pretrain"]["seconds"] = pretrain_seconds
         config["pretrain"]["val_loss"] = [stage.history[-1]["val_loss"] for stage in stages]
-        logger.info("pretrained %d layers in %.1f s; fine-tuning", len(stages), pretrain_seconds)
+        if main:
+            logger.info(
+                "pretrained %d layers in %.1f s; fine-tuning", len(stages), pretrain_seconds
+            )
     try:
         result = fit(
             model, split.x_train, split.x_val, train, run_dir=out, run_config=config,
-            resume=args.resume,
+            resume=args.resume, dist=context,
         )  # fmt: skip
     except KeyboardInterrupt:
-        logger.info("interrupted; continue with: fastae train --resume --out %s", out)
+        if main:
+            logger.info("interrupted; continue with: fastae train --resume --out %s", out)
         raise
+    if not main:
+        return 0
 
     # 3. Final metrics, summary and plots.
     noise = model.noise or parse_corruption(DEFAULT_EVAL_NOISE)
-    x_val = torch.from_numpy(split.x_val).to(train.device)
+    x_val = torch.from_numpy(split.x_val).to(device)
     metrics = evaluate_model(model, x_val, noise, seed=train.seed)
     metrics["train_seconds"] = result.train_seconds
     if pretrain_epochs is not None:
@@ -896,7 +1040,7 @@ def _bench(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the fastae command; returns the exit status (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _configure_logging()
     if argv[:1] == ["bench"]:
         try:
             return _bench(argv[1:])
@@ -916,14 +1060,26 @@ def main(argv: list[str] | None = None) -> int:
         # Reported by the subcommand, as argparse does for its other errors: "fastae train: ...".
         parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
     handlers = {"train": _train, "compare": _compare, "eval": _eval}
+    return _run_command(command, handlers[command], args)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _run_command(command: str, handler, args: argparse.Namespace) -> int:
+    """Run a command's handler; bad input and failed runs end as one line on stderr."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
         with logging_redirect_tqdm():
-            return handlers[command](args)
+            return handler(args)
     except UsageError as error:
         sys.stderr.write(f"fastae {command}: error: {error}\n")
         return 2
+    except RunError as error:
+        sys.stderr.write(f"fastae {command}: error: {error}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"fastae {command}: interrupted\n")
         return 130

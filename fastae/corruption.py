@@ -7,9 +7,10 @@
                            probability
 
 Every value stays inside the data range [low, high] ([0, 1] for data scaled by fastae.data).
-The noise is drawn from a torch.Generator passed in by the caller: the model owns one, seeds it,
-draws fresh noise every training step, and saves its state with the checkpoint, so a run repeats
-from its seed and resumes exactly.
+The noise is drawn from a torch.Generator passed in by the caller. Metrics and plots corrupt
+their inputs here. Training does not: a denoising Autoencoder hands its Corruption to the first
+fused encoder layer as a fastae.functional.Noise keyed by (model seed, training step), which draws
+the same distributions inside the fused pass without storing x~ (fastae.functional.noise).
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ decoder biases are new).
 
 ``config`` is a JSON-ready dict of every constructor argument: ``Autoencoder(**config)`` builds
 the same model, so a checkpoint folder (weights + config) fully describes it.
+
+Across processes, ``set_process_group(group)`` makes every batch mean of the training loss a
+mean over the samples of all ranks (the encoder statistics and the reconstruction), with
+gradients scaled so that DistributedDataParallel's average over the ranks gives exactly the
+gradients of one process on the concatenated batch (DESIGN section 4). The group is a property
+of the running processes, not of the model: it is not part of ``config`` or the state_dict.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from torch import Tensor
 from fastae.activations import get_activation
 from fastae.corruption import Corruption
 from fastae.corruption import parse_corruption
+from fastae.functional import Noise
 from fastae.functional import kl_sparsity
 from fastae.functional.checks import check_rho
 from fastae.functional.deep import PENALTIES
 from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import choose_method
 from fastae.functional.deep import deep_contractive_penalty
+from fastae.functional.distributed import global_mean
 from fastae.nn import FusedEncoder
 
 __all__ = ["RECONSTRUCTIONS", "VARIANTS", "Autoencoder", "Losses", "check_targets"]
@@ -246,7 +254,10 @@ class Autoencoder(torch.nn.Module):
             self.decoder_bias = None
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        # Training steps that drew encoder noise so far: the step of the next Noise key.
+        self.noise_step = 0
         self.last_penalty: DeepPenalty | None = None
+        self.process_group = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -277,6 +288,13 @@ class Autoencoder(torch.nn.Module):
     def code_size(self) -> int:
         return self.hidden[-1]
 
+    def set_process_group(self, group) -> None:
+        """Reduce the batch means of the training loss over a torch.distributed group (None: this
+        process alone). In eval mode every mean stays local (see the module docstring)."""
+        self.process_group = group
+        for layer in self.encoder:
+            layer.process_group = group
+
     # -- corruption noise ----------------------------------------------------------------------
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -301,10 +319,42 @@ class Autoencoder(torch.nn.Module):
         self._generator_state = state
 
     def corrupt(self, x: Tensor) -> Tensor:
-        """x~: x with this model's corruption applied (x itself when it has none)."""
+        """x~: x with this model's corruption applied (x itself when it has none), drawn in
+        PyTorch from the model's generator. Training uses it only when the first encoder layer
+        is not a FusedEncoder; otherwise the fused pass draws x~ itself (encoder_noise)."""
         if self.noise is None:
             return x
         return self.noise(x, self.generator(x.device))
+
+    def encoder_noise(self) -> Noise | None:
+        """The corruption for this training step as a fastae Noise keyed by (seed, noise_step),
+        for the first encoder layer to draw inside its fused pass; advances noise_step. None in
+        eval mode, for a model without corruption, or when the first layer is not fused."""
+        if self.noise is None or not self.training or not self.encoder_noise_is_fused():
+            return None
+        noise = Noise(
+            self.noise.kind,
+            self.noise.level,
+            self.noise.low,
+            self.noise.high,
+            seed=self.seed,
+            step=self.noise_step,
+        )
+        self.noise_step += 1
+        return noise
+
+    def encoder_noise_is_fused(self) -> bool:
+        """Whether training corruption is drawn inside the first encoder layer's fused pass."""
+        return self.noise is not None and isinstance(self.encoder[0], FusedEncoder)
+
+    def _train_input(self, x: Tensor) -> tuple[Tensor, Noise | None]:
+        """What the encoder gets in this mode: (x, Noise) when the fused pass corrupts, (x~,
+        None) when PyTorch does, (x, None) in eval mode or without corruption."""
+        if not self.training or self.noise is None:
+            return x, None
+        if self.encoder_noise_is_fused():
+            return x, self.encoder_noise()
+        return self.corrupt(x), None
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -334,20 +384,39 @@ class Autoencoder(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x_hat: (B, D) -> (B, D). In training mode a denoising model encodes the corrupted x~;
         in eval mode nothing is corrupted."""
-        x_in = self.corrupt(x) if self.training else x
-        return self.decode(self.encode(x_in))
+        x_in, noise = self._train_input(x)
+        return self.decode(self._encode_layers(x_in, noise)[-1])
 
-    def loss(self, x: Tensor) -> Losses:
+    def loss(self, x: Tensor, *, corrupted: Tensor | None = None) -> Losses:
         """The loss of the batch x (B, D): reconstruction of the clean x plus the penalties.
 
-        In training mode a denoising model reconstructs x from x~ (fresh noise every call).
+        In training mode a denoising model reconstructs x from x~ (fresh noise every call), or
+        from ``corrupted`` when given: the trainer of several processes corrupts the global batch
+        and hands each rank its rows, so that the noise is that of one process.
         """
         if self.reconstruction == "bce":
             check_targets(x)
-        x_in = self.corrupt(x) if self.training else x
-        codes = self._encode_layers(x_in)
+        if corrupted is not None and tuple(corrupted.shape) != tuple(x.shape):
+            raise ValueError(
+                f"corrupted: got shape {tuple(corrupted.shape)}, expected the shape of x, "
+                f"{tuple(x.shape)}"
+            )
+        if self.training and corrupted is not None:
+            x_in, noise = corrupted, None
+        else:
+            x_in, noise = self._train_input(x)
+        codes = self._encode_layers(x_in, noise)
         logits = self.decode_logits(codes[-1])
-        if self.reconstruction == "bce":
+        group = self.process_group if self.training else None
+        if group is not None:
+            # A mean over every entry of every rank: local sum, global count (DESIGN section 4).
+            if self.reconstruction == "bce":
+                local = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+            else:
+                x_hat = get_activation(self.output_activation).forward(logits)
+                local = F.mse_loss(x_hat, x, reduction="sum")
+            reconstruction = global_mean(local, x.numel(), group)
+        elif self.reconstruction == "bce":
             reconstruction = F.binary_cross_entropy_with_logits(logits, x)
         else:
             x_hat = get_activation(self.output_activation).forward(logits)
@@ -364,12 +433,13 @@ class Autoencoder(torch.nn.Module):
         penalty = penalty.to(reconstruction.dtype)
         return Losses(reconstruction + penalty, reconstruction, penalty)
 
-    def _encode_layers(self, x: Tensor) -> list[Tensor]:
-        """The codes h_1, ..., h_k of every encoder layer (their statistics in last_stats)."""
+    def _encode_layers(self, x: Tensor, noise: Noise | None = None) -> list[Tensor]:
+        """The codes h_1, ..., h_k of every encoder layer (their statistics in last_stats); the
+        first layer corrupts its input with ``noise`` when one is given."""
         codes = []
         h = x
-        for layer in self.encoder:
-            h = layer(h)
+        for i, layer in enumerate(self.encoder):
+            h = layer(h, noise=noise) if i == 0 and noise is not None else layer(h)
             codes.append(h)
         return codes
 

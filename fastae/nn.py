@@ -4,7 +4,14 @@ FusedEncoder is a drop-in for ``nn.Linear`` followed by an activation: the same 
 (``weight`` of shape (H, D), ``bias`` of shape (H,)), the same initialisation, and it loads an
 ``nn.Linear`` state_dict. Its forward is one call to fastae.encode, so the statistics of the
 layer (contractive, rho_hat, l1; DESIGN section 2) come out of the same pass as the code h and
-are kept in ``last_stats`` for the loss to use.
+are kept in ``last_stats`` for the loss to use. A denoising model passes its input corruption
+as ``noise`` (a fastae.functional.Noise): the layer then encodes x~, drawn inside the fused
+pass, instead of x.
+
+With ``process_group`` set, the statistics of a forward in training mode are means over the
+samples of every rank of the group (DESIGN section 4), as SyncBatchNorm does for its batch
+statistics; in eval mode each process keeps to its own batch, so that evaluation needs no
+collective and may run on one rank alone.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from torch import Tensor
 
 from fastae.activations import get_activation
 from fastae.functional import EncodeStats
+from fastae.functional import Noise
 from fastae.functional import encode
 
 __all__ = ["FusedEncoder"]
@@ -28,6 +36,8 @@ class FusedEncoder(torch.nn.Linear):
         activation: "sigmoid", "tanh", "relu", "softplus" or "identity".
         bias: whether the layer has a bias b (as in nn.Linear).
         backend: "auto", "torch" or "triton" (see fastae.encode).
+        process_group: a torch.distributed group over which the statistics are reduced in
+            training mode, or None (see the module docstring). Not part of the state_dict.
 
     Attributes:
         last_stats: EncodeStats of the last forward (differentiable, means over its batch), or
@@ -42,6 +52,7 @@ class FusedEncoder(torch.nn.Linear):
         bias: bool = True,
         *,
         backend: str = "auto",
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -52,11 +63,24 @@ class FusedEncoder(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = get_activation(activation).name
         self.backend = backend
+        self.process_group = process_group
         self.last_stats: EncodeStats | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (*, D) -> h: (*, H); the statistics of this batch go to ``last_stats``."""
-        h, stats = encode(x, self.weight, self.bias, self.activation, backend=self.backend)
+    def forward(self, x: Tensor, noise: Noise | None = None) -> Tensor:
+        """x: (*, D) -> h: (*, H); the statistics of this batch go to ``last_stats``.
+
+        With ``noise`` the layer encodes the corrupted x~ (see fastae.encode), not x.
+        """
+        group = self.process_group if self.training else None
+        h, stats = encode(
+            x,
+            self.weight,
+            self.bias,
+            self.activation,
+            backend=self.backend,
+            noise=noise,
+            process_group=group,
+        )
         self.last_stats = stats
         return h
 

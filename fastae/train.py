@@ -4,7 +4,7 @@ A run lives in one folder:
 
     RUN/checkpoint/config.json         model, training and data configuration (Autoencoder(**...))
     RUN/checkpoint/model.safetensors   the weights
-    RUN/checkpoint/optimizer.pt        optimizer state and the state of the noise generator
+    RUN/checkpoint/optimizer.pt        optimizer state, noise generator state and noise step
     RUN/checkpoint/state.json          completed epochs, per-epoch metrics, elapsed time
     RUN/metrics.csv                    one row per epoch
 
@@ -15,8 +15,15 @@ a complete checkpoint in ``checkpoint`` or, inside the rename window, in ``check
 load_checkpoint reads whichever is complete.
 
 Resuming gives the same weights, bit for bit, as a run that was never stopped: each epoch's
-shuffle comes from a generator seeded with (seed, epoch), and the corruption noise generator's
-state is part of the checkpoint.
+shuffle comes from a generator seeded with (seed, epoch), and the corruption noise, keyed by the
+model's seed and its noise step counter (or drawn from its generator), has that counter and the
+generator's state in the checkpoint.
+
+On several processes (fit(..., dist=parallel.init(...)), see fastae.parallel) every rank draws
+the same order, takes its slice of each global batch and steps through DistributedDataParallel;
+the batch means of the loss are global, so the run takes the steps of one process (the batch
+size is that of the global batch). Every rank validates; rank 0 alone writes the checkpoint and
+the metrics, logs and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ from tqdm import tqdm
 
 from fastae.metrics import NEAR_ZERO
 from fastae.models import Autoencoder
+from fastae.models import Losses
+from fastae.parallel import DistContext
+from fastae.parallel import check_shards
+from fastae.parallel import shard
+from fastae.parallel import wrap
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +70,7 @@ __all__ = [
     "load_weights",
     "run_config",
     "save_checkpoint",
+    "train_step",
 ]
 
 CHECKPOINT = "checkpoint"
@@ -138,7 +151,9 @@ def save_checkpoint(
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "generator": model.generator_state()}, buffer)
+    payload = {"optimizer": optimizer.state_dict(), "generator": model.generator_state()}
+    payload["noise_step"] = model.noise_step
+    torch.save(payload, buffer)
     _write_atomic(os.path.join(tmp, "optimizer.pt"), buffer.getvalue())
     _write_atomic(os.path.join(tmp, "config.json"), _json_bytes(config))
     _write_atomic(os.path.join(tmp, "state.json"), _json_bytes(state))
@@ -240,6 +255,41 @@ def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=generator)
 
 
+def _local_batch(model: Autoencoder, x: torch.Tensor, index: torch.Tensor, rank: int, world: int):
+    """This rank's rows of the global batch x[index], and for a model that corrupts its input in
+    PyTorch their corrupted copies: that noise is drawn for the whole global batch, as one process
+    draws it, so every rank keeps the noise of its own rows (None when the model has no
+    corruption or draws it inside the fused encoder pass)."""
+    start, stop = shard(index.shape[0], rank, world)
+    if model.noise is None or model.encoder_noise_is_fused():
+        # Without corruption, or with the corruption drawn inside the fused encoder pass (keyed
+        # by seed, step and rank: each rank draws its own noise, of the same distribution).
+        return x[index[start:stop]], None
+    full = x[index]
+    return full[start:stop], model.corrupt(full)[start:stop]
+
+
+def train_step(
+    step_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    corrupted: torch.Tensor | None = None,
+) -> Losses:
+    """One optimizer step on this rank's part of a batch; returns its Losses.
+
+    Args:
+        step_module: parallel.wrap(model, dist): its forward is the loss; under
+            DistributedDataParallel the backward also averages the gradients over the ranks.
+        optimizer: over the model's parameters.
+        batch: (B_r, D) this rank's samples; corrupted: their corrupted copies, or None.
+    """
+    losses = step_module(batch, corrupted)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    optimizer.step()
+    return losses
+
+
 def _validation(model: Autoencoder, x_val: torch.Tensor) -> tuple[dict, bool]:
     """({"val_loss", "val_mse"}, whether every code unit is inactive on every sample)."""
     model.eval()
@@ -280,6 +330,7 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
     stop_at: tuple[int, int] | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train model on x_train, checkpointing into run_dir after every epoch.
 
@@ -292,12 +343,17 @@ def fit(
         resume: continue from the checkpoint in run_dir.
         progress: show a tqdm bar (None: only on a terminal).
         stop_at: (epoch, batch) at which to raise KeyboardInterrupt, to test interrupted runs.
+        dist: this process's place among several (fastae.parallel.init), or None for one
+            process. It overrides config.device; only rank 0 writes into run_dir and logs.
 
     Returns:
         TrainResult with one dict of metrics per epoch (train loss, reconstruction and penalty
         means over batches; validation loss and MSE in eval mode).
     """
-    device = torch.device(config.device)
+    device = dist.device if dist is not None else torch.device(config.device)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    main = rank == 0
+    check_shards(x_train.shape[0], config.batch_size, world)
     model.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -315,10 +371,12 @@ def fit(
         load_weights(model, weights)
         optimizer.load_state_dict(payload["optimizer"])
         model.set_generator_state(payload["generator"])
+        model.noise_step = int(payload.get("noise_step", 0))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
         elapsed_before = float(state.get("train_seconds", 0.0))
-        logger.info("resuming %s from epoch %d of %d", run_dir, start_epoch, config.epochs)
+        if main:
+            logger.info("resuming %s from epoch %d of %d", run_dir, start_epoch, config.epochs)
 
     count = x_tr.shape[0]
     batches = math.ceil(count / config.batch_size)
@@ -335,9 +393,12 @@ def fit(
         total=(config.epochs - start_epoch) * batches,
         desc=f"{model.variant}",
         unit="step",
-        disable=not progress if progress is not None else None,
+        disable=(not progress if progress is not None else None) if main else True,
         leave=False,
     )
+    # The parameters are broadcast from rank 0 when DistributedDataParallel wraps the model.
+    model.set_process_group(dist.group if dist is not None else None)
+    step_module = wrap(model, dist)
     started = time.perf_counter()
     warned = False
     try:
@@ -348,11 +409,9 @@ def fit(
             for step in range(batches):
                 if stop_at is not None and (epoch, step) == stop_at:
                     raise KeyboardInterrupt(f"stop_at {stop_at}")
-                batch = x_tr[order[step * config.batch_size : (step + 1) * config.batch_size]]
-                losses = model.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
-                optimizer.step()
+                index = order[step * config.batch_size : (step + 1) * config.batch_size]
+                batch, corrupted = _local_batch(model, x_tr, index, rank, world)
+                losses = train_step(step_module, optimizer, batch, corrupted)
 
                 sums += torch.stack([part.detach() for part in losses]).double()
                 bar.update(1)
@@ -368,6 +427,8 @@ def fit(
                 **validation,
             }
             history.append(record)
+            if not main:
+                continue
             if inactive and not warned:
                 warned = True
                 logger.warning("epoch %d: %s", epoch + 1, inactive_codes_message(model))
@@ -389,6 +450,7 @@ def fit(
                 _write_metrics_csv(run_dir, history)
     finally:
         bar.close()
+        model.set_process_group(None)
     return TrainResult(history, elapsed_before + time.perf_counter() - started)
 
 

@@ -23,6 +23,11 @@ Tiling of the dL/dx kernel: program (m, k) owns dx[rows, k:k+BLOCK_D] and loops 
 units in blocks of BLOCK_H, rebuilding delta for (rows, cols) and accumulating delta W. It is
 launched only when x needs a gradient, the dL/dW kernel only when W or b does.
 
+Denoising (NOISE != 0): x above is the corrupted x~ of the forward. The dL/dW kernel redraws
+each tile of x~ as x loads, from the same key and counters (fastae.kernels.noise), so it uses the
+numbers the forward used without either kernel storing them; the dL/dx kernel loads x in its
+epilogue and multiplies delta W by dx~/dx (0 where the corruption replaced or clipped an entry).
+
 Both kernels accumulate in fp32 (fp64 for fp64 inputs); delta enters tl.dot in the dtype of x,
 as the PyTorch path does, so fp16/bf16 use tensor cores.
 """
@@ -41,6 +46,10 @@ from fastae.kernels.encoder_forward import dot_precision
 from fastae.kernels.encoder_forward import interpreted
 from fastae.kernels.encoder_forward import single_config
 from fastae.kernels.encoder_forward import triton_dtype
+from fastae.kernels.noise import NoiseArgs
+from fastae.kernels.noise import corrupt_derivative_tile
+from fastae.kernels.noise import corrupt_tile
+from fastae.kernels.noise import kernel_noise_args
 
 
 @triton.jit
@@ -88,7 +97,7 @@ def _delta_tile(
     return delta, d1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["noise_key"])
 def _encoder_backward_weight_kernel(
     x_ptr,  # (B, D) input, any strides
     w_ptr,  # (H, D) weight, any strides
@@ -110,7 +119,12 @@ def _encoder_backward_weight_kernel(
     stride_hh,  # h: elements between hidden units
     stride_gb,  # g_h: elements between samples
     stride_gh,  # g_h: elements between hidden units
+    noise_key,  # int64 key of the corruption stream (unused when NOISE is 0)
+    noise_level,  # sigma or nu of the corruption
+    noise_low,  # lower end of the data range
+    noise_high,  # upper end of the data range
     HAS_GRAD_H: tl.constexpr,  # whether g_h_ptr holds g_h
+    NOISE: tl.constexpr,  # 0 none, 1 gaussian, 2 masking, 3 salt-and-pepper
     ACTIVATION: tl.constexpr,  # Activation.code: 0 sigmoid ... 4 identity
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
     PRECISION: tl.constexpr,  # "ieee", or "tf32" when the caller opted in
@@ -128,7 +142,7 @@ def _encoder_backward_weight_kernel(
     coef_l1 = tl.load(coef_ptr)
     coef_contractive = tl.load(coef_ptr + 1)
 
-    # Loop over the batch: delta^T x, and the column sums of delta and f'^2.
+    # Loop over the batch: delta^T x (x~ with a corruption), and the column sums of delta and f'^2.
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=ACC_DTYPE)
     delta_sum = tl.zeros((BLOCK_H,), dtype=ACC_DTYPE)
     d1_sq_sum = tl.zeros((BLOCK_H,), dtype=ACC_DTYPE)
@@ -154,11 +168,26 @@ def _encoder_backward_weight_kernel(
             ACTIVATION,
             ACC_DTYPE,
         )
+        x_mask = row_mask[:, None] & feat_mask[None, :]
         x = tl.load(
-            x_ptr + rows[:, None] * stride_xb + feats[None, :] * stride_xd,
-            mask=row_mask[:, None] & feat_mask[None, :],
-            other=0.0,
+            x_ptr + rows[:, None] * stride_xb + feats[None, :] * stride_xd, mask=x_mask, other=0.0
         )
+        if NOISE != 0:
+            x = corrupt_tile(
+                x,
+                noise_key,
+                rows,
+                pid_d * BLOCK_D,
+                D,
+                x_mask,
+                noise_level,
+                noise_low,
+                noise_high,
+                NOISE,
+                ACC_DTYPE,
+                BLOCK_B,
+                BLOCK_D,
+            )
         acc = tl.dot(
             tl.trans(delta.to(x.dtype)), x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
         )
@@ -182,8 +211,9 @@ def _encoder_backward_weight_kernel(
         tl.store(grad_b_ptr + cols, delta_sum, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["noise_key"])
 def _encoder_backward_input_kernel(
+    x_ptr,  # (B, D) input, any strides (loaded only when NOISE is not 0)
     w_ptr,  # (H, D) weight, any strides
     h_ptr,  # (B, H) saved code, strides given
     g_h_ptr,  # (B, H) upstream gradient of h, strides given (unused without HAS_GRAD_H)
@@ -194,13 +224,20 @@ def _encoder_backward_input_kernel(
     B,  # number of samples
     D,  # number of features
     H,  # number of hidden units
+    stride_xb,  # x: elements between samples
+    stride_xd,  # x: elements between features
     stride_wh,  # W: elements between rows (hidden units)
     stride_wd,  # W: elements between features
     stride_hb,  # h: elements between samples
     stride_hh,  # h: elements between hidden units
     stride_gb,  # g_h: elements between samples
     stride_gh,  # g_h: elements between hidden units
+    noise_key,  # int64 key of the corruption stream (unused when NOISE is 0)
+    noise_level,  # sigma or nu of the corruption
+    noise_low,  # lower end of the data range
+    noise_high,  # upper end of the data range
     HAS_GRAD_H: tl.constexpr,  # whether g_h_ptr holds g_h
+    NOISE: tl.constexpr,  # 0 none, 1 gaussian, 2 masking, 3 salt-and-pepper
     ACTIVATION: tl.constexpr,  # Activation.code: 0 sigmoid ... 4 identity
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
     PRECISION: tl.constexpr,  # "ieee", or "tf32" when the caller opted in
@@ -249,11 +286,34 @@ def _encoder_backward_input_kernel(
         )
         acc = tl.dot(delta.to(w.dtype), w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
+    # With a corruption, dL/dx = (delta W) * dx~/dx, the derivative redrawn from x.
+    tile_mask = row_mask[:, None] & feat_mask[None, :]
+    if NOISE != 0:
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xb + feats[None, :] * stride_xd,
+            mask=tile_mask,
+            other=0.0,
+        )
+        acc *= corrupt_derivative_tile(
+            x,
+            noise_key,
+            rows,
+            pid_d * BLOCK_D,
+            D,
+            noise_level,
+            noise_low,
+            noise_high,
+            NOISE,
+            ACC_DTYPE,
+            BLOCK_B,
+            BLOCK_D,
+        )
+
     # Store dL/dx.
     tl.store(
         grad_x_ptr + rows[:, None] * D + feats[None, :],
         acc.to(grad_x_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & feat_mask[None, :],
+        mask=tile_mask,
     )
 
 
@@ -276,7 +336,7 @@ def _gpu_configs(outer: str, inner: str) -> list[triton.Config]:
     return configs
 
 
-_KEY = ["B", "D", "H", "HAS_GRAD_H", "ACTIVATION", "PRECISION"]
+_KEY = ["B", "D", "H", "HAS_GRAD_H", "NOISE", "ACTIVATION", "PRECISION"]
 
 
 @functools.cache
@@ -314,6 +374,7 @@ def encoder_backward(
     activation_code: int,
     need_input_grad: bool,
     need_weight_grad: bool = True,
+    noise: NoiseArgs | None = None,
 ):
     """Launch the fused backward.
 
@@ -326,6 +387,7 @@ def encoder_backward(
         activation_code: `Activation.code`.
         need_input_grad: whether to launch the dL/dx kernel.
         need_weight_grad: whether to launch the dL/dW kernel (which also yields dL/db).
+        noise: the corruption the forward drew (same key), or None for the clean x.
 
     Returns:
         grad_x (B, D) in the dtype of x, grad_w (H, D) in the dtype of W and grad_b (H,) in the
@@ -338,8 +400,10 @@ def encoder_backward(
     coef = coef.contiguous()
     has_grad_h = grad_h is not None
     g_h = grad_h if has_grad_h else h
+    noise_scalars, noise_code = kernel_noise_args(noise)
     meta = {
         "HAS_GRAD_H": has_grad_h,
+        "NOISE": noise_code,
         "ACTIVATION": activation_code,
         "ACC_DTYPE": triton_dtype(x.dtype),
         "PRECISION": dot_precision(x.dtype, x.device),
@@ -353,7 +417,7 @@ def encoder_backward(
         grad_b = torch.empty((hidden,), dtype=acc, device=x.device)
         args = (x, weight, h, g_h, row_scale, n, coef, grad_w, grad_b, batch, features, hidden)
         args += (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
-        args += (h.stride(0), h.stride(1), g_h.stride(0), g_h.stride(1))
+        args += (h.stride(0), h.stride(1), g_h.stride(0), g_h.stride(1), *noise_scalars)
 
         def weight_grid(config):
             return (
@@ -371,9 +435,9 @@ def encoder_backward(
     grad_x = None
     if need_input_grad:
         grad_x = torch.empty((batch, features), dtype=x.dtype, device=x.device)
-        args = (weight, h, g_h, row_scale, n, coef, grad_x, batch, features, hidden)
-        args += (weight.stride(0), weight.stride(1), h.stride(0), h.stride(1))
-        args += (g_h.stride(0), g_h.stride(1))
+        args = (x, weight, h, g_h, row_scale, n, coef, grad_x, batch, features, hidden)
+        args += (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+        args += (h.stride(0), h.stride(1), g_h.stride(0), g_h.stride(1), *noise_scalars)
 
         def input_grid(config):
             return (triton.cdiv(batch, config["BLOCK_B"]), triton.cdiv(features, config["BLOCK_D"]))

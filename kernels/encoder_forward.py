@@ -21,6 +21,10 @@ Every program writes its own entries of these (num_row_blocks, H) buffers, so no
 touch the same address and no float atomics are needed; the launcher then sums them over the row
 blocks in a fixed order, which makes the statistics bitwise reproducible for a fixed
 configuration. Programs of the first row block also store n (H,), which the backward needs.
+
+Denoising (NOISE != 0): each x tile is replaced by its corrupted version x~ right after it loads,
+drawn from the counter-based stream of fastae.kernels.noise keyed by (noise_key, r * D + c), so
+a = x~ W^T + b and the statistics are those of the corrupted pass; x~ is never stored.
 """
 
 import functools
@@ -32,6 +36,9 @@ import triton.language as tl
 
 from fastae.kernels.activations import activation_d1
 from fastae.kernels.activations import activation_forward
+from fastae.kernels.noise import NoiseArgs
+from fastae.kernels.noise import corrupt_tile
+from fastae.kernels.noise import kernel_noise_args
 
 # Rows per program. Fixed (not tuned) because it sets the number of rows of the partial-sum
 # buffers: every configuration then writes every entry, and tuning cannot leave stale rows.
@@ -69,7 +76,7 @@ def triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["noise_key"])
 def _encoder_forward_kernel(
     x_ptr,  # (B, D) input, any strides
     w_ptr,  # (H, D) weight, any strides
@@ -89,7 +96,12 @@ def _encoder_forward_kernel(
     stride_hb,  # h: elements between samples
     stride_hh,  # h: elements between hidden units
     stride_bias,  # b: elements between hidden units
+    noise_key,  # int64 key of the corruption stream (unused when NOISE is 0)
+    noise_level,  # sigma or nu of the corruption
+    noise_low,  # lower end of the data range
+    noise_high,  # upper end of the data range
     HAS_BIAS: tl.constexpr,  # whether b_ptr holds a bias
+    NOISE: tl.constexpr,  # 0 none, 1 gaussian, 2 masking, 3 salt-and-pepper
     ACTIVATION: tl.constexpr,  # Activation.code: 0 sigmoid ... 4 identity
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
     PRECISION: tl.constexpr,  # "ieee", or "tf32" when the caller opted in
@@ -105,17 +117,32 @@ def _encoder_forward_kernel(
     col_mask = cols < H
     feats = tl.arange(0, BLOCK_D).to(tl.int64)
 
-    # K loop: a = x W^T, and n_j from the same W tiles.
+    # K loop: a = x W^T (x~ W^T with a corruption), and n_j from the same W tiles.
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
     n = tl.zeros((BLOCK_H,), dtype=ACC_DTYPE)
     for k0 in range(0, D, BLOCK_D):
         k = k0 + feats
         k_mask = k < D
+        x_mask = row_mask[:, None] & k_mask[None, :]
         x = tl.load(
-            x_ptr + rows[:, None] * stride_xb + k[None, :] * stride_xd,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
+            x_ptr + rows[:, None] * stride_xb + k[None, :] * stride_xd, mask=x_mask, other=0.0
         )
+        if NOISE != 0:
+            x = corrupt_tile(
+                x,
+                noise_key,
+                rows,
+                k0,
+                D,
+                x_mask,
+                noise_level,
+                noise_low,
+                noise_high,
+                NOISE,
+                ACC_DTYPE,
+                BLOCK_B,
+                BLOCK_D,
+            )
         # W^T tile, (BLOCK_D, BLOCK_H).
         w_t = tl.load(
             w_ptr + cols[None, :] * stride_wh + k[:, None] * stride_wd,
@@ -176,12 +203,16 @@ def _gpu_configs() -> list[triton.Config]:
 def _tuned_kernel():
     return triton.autotune(
         configs=_gpu_configs(),
-        key=["B", "D", "H", "HAS_BIAS", "ACTIVATION", "PRECISION"],
+        key=["B", "D", "H", "HAS_BIAS", "NOISE", "ACTIVATION", "PRECISION"],
     )(_encoder_forward_kernel)
 
 
 def encoder_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation_code: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_code: int,
+    noise: NoiseArgs | None = None,
 ):
     """Launch the fused forward.
 
@@ -189,6 +220,7 @@ def encoder_forward(
         x: (B, D), weight: (H, D), bias: (H,) or None, all of one float dtype and device; any
             strides.
         activation_code: `Activation.code` (0 sigmoid, 1 tanh, 2 relu, 3 softplus, 4 identity).
+        noise: the input corruption drawn in the kernel, or None for the clean x.
 
     Returns:
         h (B, H) in the dtype of x, and in the accumulation dtype (fp32, fp64 for fp64 inputs):
@@ -205,6 +237,7 @@ def encoder_forward(
     partials = torch.empty((3, row_blocks, hidden), dtype=acc, device=x.device)
     column_partial, contractive_partial, l1_partial = partials.unbind(0)
     has_bias = bias is not None
+    noise_scalars, noise_code = kernel_noise_args(noise)
     args = (
         x,
         weight,
@@ -224,9 +257,11 @@ def encoder_forward(
         h.stride(0),
         h.stride(1),
         bias.stride(0) if has_bias else 0,
+        *noise_scalars,
     )
     meta = {
         "HAS_BIAS": has_bias,
+        "NOISE": noise_code,
         "ACTIVATION": activation_code,
         "ACC_DTYPE": triton_dtype(x.dtype),
         "PRECISION": dot_precision(x.dtype, x.device),

@@ -19,10 +19,20 @@ from triton.compiler import ASTSource
 from fastae.activations import ACTIVATIONS
 from fastae.kernels import encoder_backward
 from fastae.kernels import encoder_forward
+from fastae.kernels import materialize_noise
+from fastae.kernels.noise import NOISE_CODES
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Pointer arguments that hold data in the input dtype; all others hold accumulation-dtype data.
 INPUT_DTYPE_POINTERS = {"x_ptr", "w_ptr", "b_ptr", "h_ptr", "g_h_ptr", "grad_w_ptr", "grad_x_ptr"}
+INPUT_DTYPE_POINTERS |= {"x_tilde_ptr", "keep_ptr"}
+# Scalar arguments that are not int32: the corruption's key (bit 62 set) and its float levels.
+SCALAR_TYPES = {
+    "noise_key": "i64",
+    "noise_level": "fp32",
+    "noise_low": "fp32",
+    "noise_high": "fp32",
+}
 
 
 def compile_kernel(kernel, constexprs, input_dtype, acc_dtype, config):
@@ -33,7 +43,7 @@ def compile_kernel(kernel, constexprs, input_dtype, acc_dtype, config):
         elif name.endswith("_ptr"):
             signature[name] = "*" + (input_dtype if name in INPUT_DTYPE_POINTERS else acc_dtype)
         else:
-            signature[name] = "i32"
+            signature[name] = SCALAR_TYPES.get(name, "i32")
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     triton.compile(source, target=TARGET, options=options)
@@ -46,15 +56,20 @@ def main() -> int:
     forward_config = encoder_forward._gpu_configs()[0]
     weight_config = encoder_backward._gpu_configs("BLOCK_H", "BLOCK_B")[0]
     input_config = encoder_backward._gpu_configs("BLOCK_B", "BLOCK_H")[0]
-    cases = [(name, "fp32", "ieee") for name in ACTIVATIONS]
-    cases += [("tanh", "fp32", "tf32"), ("softplus", "bf16", "ieee"), ("sigmoid", "fp16", "ieee")]
-    cases += [("tanh", "fp64", "ieee")]
-    for name, dtype, precision in cases:
+    # (activation, dtype, precision, corruption): every activation clean, the other dtypes and
+    # each corruption once.
+    cases = [(name, "fp32", "ieee", 0) for name in ACTIVATIONS]
+    cases += [("tanh", "fp32", "tf32", 0), ("softplus", "bf16", "ieee", 0)]
+    cases += [("sigmoid", "fp16", "ieee", 0), ("tanh", "fp64", "ieee", 0)]
+    cases += [("sigmoid", "bf16", "ieee", code) for code in NOISE_CODES.values()]
+    cases += [("relu", "fp64", "ieee", NOISE_CODES["gaussian"])]
+    for name, dtype, precision, noise in cases:
         acc = "fp64" if dtype == "fp64" else "fp32"
         common = {
             "ACTIVATION": ACTIVATIONS[name].code,
             "ACC_DTYPE": tl.float64 if dtype == "fp64" else tl.float32,
             "PRECISION": precision,
+            "NOISE": noise,
         }
         compile_kernel(
             encoder_forward._encoder_forward_kernel,
@@ -70,7 +85,19 @@ def main() -> int:
         ):
             constexprs = {**common, "HAS_GRAD_H": True} | config.kwargs
             compile_kernel(kernel, constexprs, dtype, acc, config)
-        print(f"compiled {name} {dtype} {precision}", flush=True)
+        if noise:
+            compile_kernel(
+                materialize_noise._materialize_noise_kernel,
+                {"NOISE": noise, "STORE_KEEP": True, "ACC_DTYPE": common["ACC_DTYPE"]}
+                | {
+                    "BLOCK_B": materialize_noise._BLOCK,
+                    "BLOCK_D": materialize_noise._BLOCK,
+                },
+                dtype,
+                acc,
+                input_config,
+            )
+        print(f"compiled {name} {dtype} {precision} noise={noise}", flush=True)
     return 0
 
 

@@ -123,3 +123,11 @@ def test_leading_dimensions_are_flattened_into_the_batch():
     assert h.shape == (2, 3, 4)
     torch.testing.assert_close(h.reshape(6, 4), h_flat, rtol=0, atol=0)
     torch.testing.assert_close(stats.contractive, stats_flat.contractive, rtol=0, atol=0)
+
+
+def test_per_sample_penalty_keeps_the_leading_dimensions():
+    x, weight, bias = encoder_case(6, 5, 4)
+    per_sample = fastae.contractive_penalty(x.reshape(2, 3, 5), weight, bias, reduction="none")
+    flat = fastae.contractive_penalty(x, weight, bias, reduction="none")
+    assert per_sample.shape == (2, 3)
+    torch.testing.assert_close(per_sample.reshape(6), flat, rtol=0, atol=0)

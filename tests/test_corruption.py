@@ -5,7 +5,10 @@ import torch
 
 from fastae.corruption import Corruption
 from fastae.corruption import parse_corruption
+from fastae.functional.noise import Noise
+from fastae.functional.noise import corrupt
 from fastae.models import Autoencoder
+from fastae.nn import FusedEncoder
 
 
 def _gen(seed=0):
@@ -70,14 +73,44 @@ def test_off_in_eval_mode():
 
 
 def test_loss_target_is_the_clean_x():
+    # The fused encoder draws x~ keyed by (model seed, training step); corrupt() recovers it.
     x = torch.rand(6, 12)
     model = _denoising(seed=5)
-    x_tilde = Corruption("masking", 0.4)(x, _gen(5))
-    expected = torch.nn.functional.mse_loss(model.decode(model.encode(x_tilde)), x)
+    expected = []
+    for step in range(2):
+        x_tilde = corrupt(x, Noise("masking", 0.4, seed=5, step=step), model.backend)
+        assert not torch.equal(x_tilde, x)
+        expected.append(torch.nn.functional.mse_loss(model.decode(model.encode(x_tilde)), x))
 
-    losses = model.loss(x)
-    torch.testing.assert_close(losses.reconstruction, expected)
-    assert torch.equal(losses.total, losses.reconstruction)
+    for step in range(2):
+        losses = model.loss(x)
+        torch.testing.assert_close(losses.reconstruction, expected[step])
+        assert torch.equal(losses.total, losses.reconstruction)
+        assert model.noise_step == step + 1
+
+
+def test_the_fused_encoder_gets_the_noise_in_training_only(monkeypatch):
+    model = _denoising(seed=3)
+    seen = []
+    forward = FusedEncoder.forward
+
+    def spy(layer, x, noise=None):
+        seen.append(noise)
+        return forward(layer, x, noise=noise)
+
+    monkeypatch.setattr(FusedEncoder, "forward", spy)
+    x = torch.rand(4, 12)
+    model.loss(x)
+    model(x)
+    model.eval()
+    model.loss(x)
+    model(x)
+    assert seen[:2] == [
+        Noise("masking", 0.4, seed=3, step=0),
+        Noise("masking", 0.4, seed=3, step=1),
+    ]
+    assert seen[2:] == [None, None]
+    assert model.noise_step == 2
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,8 @@ def test_unbounded_codes_are_refused():
 def test_rho_outside_the_open_interval_is_refused(rho):
     with pytest.raises(ValueError, match=r"rho: got .*expected a number strictly between 0 and 1"):
         fastae.kl_sparsity(torch.tensor([0.5], dtype=f64), rho)
+
+
+def test_nan_rho_hat_is_refused():
+    with pytest.raises(ValueError, match=r"rho_hat: got values in \[nan, nan\]"):
+        fastae.kl_sparsity(torch.tensor([float("nan")], dtype=f64), 0.05)

@@ -1,6 +1,6 @@
 """The functional API: the fused encoder and the penalties built on its statistics.
 
-    h, stats = encode(x, weight, bias, activation, backend="auto", process_group=None)
+    h, stats = encode(x, weight, bias, activation, backend="auto", process_group=None, noise=None)
     loss = recon + lam * stats.contractive + beta * kl_sparsity(stats.rho_hat, rho)
            + gamma * stats.l1
 
@@ -28,6 +28,8 @@ from fastae.functional.deep import DeepEncodeResult
 from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import deep_contractive_penalty
 from fastae.functional.deep import deep_encode
+from fastae.functional.noise import Noise
+from fastae.functional.noise import check_noise
 from fastae.functional.stats import EncodeStats
 from fastae.functional.torch_encode import TorchEncodeFunction
 
@@ -35,6 +37,7 @@ __all__ = [
     "DeepEncodeResult",
     "DeepPenalty",
     "EncodeStats",
+    "Noise",
     "contractive_penalty",
     "deep_contractive_penalty",
     "deep_encode",
@@ -88,6 +91,7 @@ def encode(
     *,
     backend: str = "auto",
     process_group=None,
+    noise: Noise | None = None,
 ) -> tuple[Tensor, EncodeStats]:
     """One encoder layer h = f(x W^T + b) and its batch statistics in one fused pass.
 
@@ -99,6 +103,10 @@ def encode(
         backend: "auto", "torch" or "triton" (see the module docstring).
         process_group: a torch.distributed group; when given the statistics are means over the
             samples of every rank, with gradients scaled for DDP's averaging (DESIGN section 4).
+        noise: a fastae.functional.noise.Noise to encode a corrupted x~ instead of x (denoising):
+            h = f(x~ W^T + b) and the statistics of that pass. x~ is drawn from the key of
+            (noise.seed, noise.step) and drawn again in the backward, never saved; dL/dW uses
+            x~ and dL/dx is multiplied by dx~/dx. None (the default) encodes x itself.
 
     Returns:
         h of shape (*, H) in the dtype of x, and EncodeStats(contractive, rho_hat, l1) in fp32
@@ -106,6 +114,7 @@ def encode(
     """
     act = get_activation(activation)
     check_encode_args(x, weight, bias)
+    check_noise(noise)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
 
@@ -113,11 +122,11 @@ def encode(
         from fastae.functional.triton_encode import TritonEncodeFunction
 
         h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(
-            x2, weight, bias, act, process_group
+            x2, weight, bias, act, process_group, noise
         )
     else:
         h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(
-            x2, weight, bias, act, process_group
+            x2, weight, bias, act, process_group, noise
         )
     return h.reshape(*lead, weight.shape[0]), EncodeStats(contractive, rho_hat, l1)
 
@@ -146,7 +155,7 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
     # NOTE: one device sync per call; a wrong activation otherwise gives NaN or a silently wrong
     # penalty, and the check costs one (H,) reduction.
     low, high = torch.aminmax(rho_hat.detach())
-    if low.item() < 0.0 or high.item() > 1.0:
+    if not (0.0 <= low.item() and high.item() <= 1.0):  # NaN fails both comparisons
         raise ValueError(
             f"rho_hat: got values in [{low.item():.6g}, {high.item():.6g}], expected values in "
             "[0, 1]: the KL penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
@@ -170,10 +179,11 @@ def contractive_penalty(
 
     Args:
         x: (B, D) inputs; weight: (H, D); bias: (H,) or None; activation as in encode().
-        reduction: "mean" (over the batch), "sum", or "none" (the (B,) per-sample values).
+        reduction: "mean" (over the batch), "sum", or "none" (the per-sample values, in the
+            shape of x without its last dimension).
 
     Returns:
-        A scalar, or (B,) for reduction="none", in fp32 (fp64 for fp64 inputs).
+        A scalar, or (B,) (x.shape[:-1]) for reduction="none", in fp32 (fp64 for fp64 inputs).
     """
     check_reduction(reduction)
     if reduction != "none":
@@ -188,4 +198,4 @@ def contractive_penalty(
     x2 = x.reshape(-1, x.shape[-1])
     a = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     fp = act.d1(act.forward(a).to(acc))
-    return (fp * fp) @ weight.to(acc).square().sum(1)
+    return ((fp * fp) @ weight.to(acc).square().sum(1)).reshape(x.shape[:-1])

@@ -55,3 +55,39 @@ def stat_grad_scale(count: int, total: int, world: int) -> float:
     """The factor that turns an upstream statistic gradient into a per-sample one: 1 / B on one
     process, R / N across R processes (see the module docstring)."""
     return world / total if world > 1 else 1.0 / count
+
+
+class _GlobalMean(torch.autograd.Function):
+    """value = (sum over the ranks of local_sum) / N; d value / d local_sum = R / N."""
+
+    @staticmethod
+    def forward(ctx, local_sum, count, process_group):
+        packed = torch.stack(
+            [local_sum.detach().double(), local_sum.new_tensor(float(count), dtype=torch.float64)]
+        )
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+        total = int(round(packed[1].item()))
+        ctx.scale = stat_grad_scale(count, total, dist.get_world_size(process_group))
+        return (packed[0] / total).to(local_sum.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None, None
+
+
+def global_mean(local_sum: Tensor, count: int, process_group=None) -> Tensor:
+    """The mean over every rank of a quantity summed over this rank's samples.
+
+    Args:
+        local_sum: scalar, the sum over this rank's ``count`` terms (e.g. squared errors).
+        count: the number of terms in local_sum on this rank (may differ between ranks).
+        process_group: a torch.distributed group, or None for one process.
+
+    Returns:
+        A scalar equal on every rank to (sum of local_sum) / (sum of count). Its gradient with
+        respect to local_sum is R / N (1 / count on one process): after DDP averages parameter
+        gradients over the R ranks they are the gradients of the mean over all N terms.
+    """
+    if not is_distributed(process_group):
+        return local_sum / count
+    return _GlobalMean.apply(local_sum, count, process_group)

@@ -15,6 +15,10 @@ Runs on CUDA tensors (fp16, bf16, fp32, fp64), or on CPU tensors under TRITON_IN
 an error). fp64 accumulates in fp64, so gradcheck can run through this Function; every other
 dtype accumulates in fp32. fp32 dots use IEEE precision unless the caller opted into tf32 through
 torch.backends.cuda.matmul.allow_tf32.
+
+Denoising: with a Noise the kernels draw x~ as x loads, in the forward and again in the dL/dW
+kernel, from the key Noise.kernel_args() (fastae.kernels.noise); the dL/dx kernel applies
+dx~/dx. Nothing more is saved than without corruption.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from fastae.functional.distributed import all_reduce_sums
 from fastae.functional.distributed import is_distributed
 from fastae.functional.distributed import stat_grad_scale
+from fastae.functional.noise import rank_of
 from fastae.kernels.encoder_backward import encoder_backward
 from fastae.kernels.encoder_forward import encoder_forward
 from fastae.kernels.encoder_forward import interpreted
@@ -41,12 +46,18 @@ def _check_interpretable(x: torch.Tensor) -> None:
 
 
 class TritonEncodeFunction(torch.autograd.Function):
-    """h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(x, weight, bias, act, group)."""
+    """h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(x, weight, bias, act, group, noise).
+
+    noise: a fastae.functional.noise.Noise or None.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act, process_group):
+    def forward(ctx, x, weight, bias, act, process_group, noise=None):
         _check_interpretable(x)
-        h, contractive_sum, column_sum, l1_sum, n = encoder_forward(x, weight, bias, act.code)
+        noise_args = noise.kernel_args(rank_of(process_group)) if noise is not None else None
+        h, contractive_sum, column_sum, l1_sum, n = encoder_forward(
+            x, weight, bias, act.code, noise_args
+        )
         count = x.shape[0]
         total, world = count, 1
         if is_distributed(process_group):
@@ -56,6 +67,7 @@ class TritonEncodeFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight, h, n)
         ctx.act = act
+        ctx.noise_args = noise_args
         ctx.has_bias = bias is not None
         ctx.scale = stat_grad_scale(count, total, world)
         ctx.set_materialize_grads(False)
@@ -68,7 +80,7 @@ class TritonEncodeFunction(torch.autograd.Function):
         acc = n.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if not (need_x or need_w or need_b):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
 
         # The small vectors and scalars delta needs, already scaled (no host sync).
         if g_rho_hat is not None:
@@ -91,7 +103,8 @@ class TritonEncodeFunction(torch.autograd.Function):
             ctx.act.code,
             need_input_grad=need_x,
             need_weight_grad=need_w or (need_b and ctx.has_bias),
+            noise=ctx.noise_args,
         )
         grad_w = grad_w if need_w else None
         grad_b = grad_b.to(weight.dtype) if grad_b is not None and need_b else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
