@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fastae.activations import Activation
 from fastae.functional.checks import stats_dtype
@@ -172,6 +173,7 @@ class TorchEncodeFunction(torch.autograd.Function):
         return h, contractive_sum / total, column_sum / total, l1_sum / total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
         x, weight, h, n = ctx.saved_tensors
         act = ctx.act
