@@ -477,4 +477,9 @@ class Autoencoder(torch.nn.Module):
             generator=self.generator(codes[0].device),
         )  # fmt: skip
         self.last_penalty = result._replace(value=result.value.detach())
+        group = self.process_group if self.training else None
+        if group is not None:
+            # The batch mean over every rank, as for the statistics of the fused pass.
+            count = codes[0].shape[0]
+            return global_mean(result.value * count, count, group)
         return result.value

@@ -108,3 +108,15 @@ def backward_matmuls(x_requires_grad):
 def test_the_input_gradient_matmul_is_skipped_when_x_needs_no_gradient():
     assert len(backward_matmuls(x_requires_grad=True)) == 2
     assert len(backward_matmuls(x_requires_grad=False)) == 1
+
+
+def test_double_backward_is_refused_clearly():
+    # The backward is hand-written and first-order only; a second derivative must say so rather
+    # than fail somewhere inside it.
+    x, weight, bias = encoder_case(4, 5, 3)
+    x.requires_grad_(True)
+    _, stats = fastae.encode(x, weight, bias, backend="torch")
+    upstream = torch.ones((), dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(stats.contractive, x, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice.*once_differentiable"):
+        grad_x.sum().backward()

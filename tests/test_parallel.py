@@ -30,13 +30,17 @@ FIT_VARIANTS = {
     "sparse-kl": {"beta": 0.5, "rho": 0.1},
     "denoising": {"noise": "masking:0.3", "tied": True},
     "contractive": {"lam": 0.2, "reconstruction": "bce"},
+    # The whole-encoder penalty of a 6-4-3 encoder, a batch mean like the others.
+    "deep-contractive": {"variant": "contractive", "hidden": (4, 3), "lam": 0.2},
 }
 
 
 def _model(variant="sparse-kl", **kwargs):
     torch.manual_seed(0)
-    kwargs = kwargs or FIT_VARIANTS[variant]
-    return Autoencoder(6, (4,), variant=variant, seed=1, **kwargs).double()
+    kwargs = dict(kwargs or FIT_VARIANTS[variant])
+    hidden = kwargs.pop("hidden", (4,))
+    variant = kwargs.pop("variant", variant)
+    return Autoencoder(6, hidden, variant=variant, seed=1, **kwargs).double()
 
 
 def _data(count, seed):

@@ -24,6 +24,7 @@ dx~/dx. Nothing more is saved than without corruption.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastae.functional.distributed import all_reduce_sums
 from fastae.functional.distributed import is_distributed
@@ -74,6 +75,7 @@ class TritonEncodeFunction(torch.autograd.Function):
         return h, contractive_sum / total, column_sum / total, l1_sum / total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
         x, weight, h, n = ctx.saved_tensors
         scale = ctx.scale
