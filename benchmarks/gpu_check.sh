@@ -7,14 +7,20 @@
 # each step has its own `timeout`, and a step that fails or times out does not stop the next.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]      (from the repository root; PYTHON overrides the
-#                                                interpreter, default .venv/bin/python or python)
+#                                                interpreter, default .venv/bin/python or python3)
 set -u
 
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+# A GPU machine that has torch and triton but not fastae (machines without network access
+# included): install this checkout in place, without dependencies or a build environment.
+if ! (cd /tmp && "$PYTHON" -c "import fastae.kernels" 2>/dev/null); then
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 \
+        || echo "fastae: install failed, see $OUT/install.txt"
 fi
 # The GPU tier runs most tests in torch's deterministic mode (one kernel configuration); cuBLAS
 # needs this workspace setting to be deterministic there.
