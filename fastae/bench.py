@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     info["date_utc"] = stamp.isoformat(timespec="seconds")
-    stem = f"{machine_slug(info)}_{'-'.join(dtypes)}_{stamp.strftime('%Y%m%d-%H%M')}"
+    stem = f"{machine_slug(info)}_{'-'.join(dtypes)}_{stamp.strftime('%Y%m%d-%H%M%S')}"
     document = {
         "machine": info,
         "dtypes": dtypes,
