@@ -14,6 +14,7 @@ with exit status 2 and one line `fastae ...: error: ...`, as argparse does for i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -317,6 +318,14 @@ def _device(name: str | None) -> str:
         raise UsageError(f"--device: got {name!r}, expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: got {name!r}, but no CUDA device is available")
+    # The backend the layers will pick on this device (FASTAE_BACKEND can force one), checked
+    # before anything is written rather than at the first forward.
+    from fastae.functional import resolve_backend
+
+    try:
+        resolve_backend("auto", device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return name
 
 
@@ -398,7 +407,7 @@ def _build_model(in_features: int, hidden, variant: str, kwargs: dict, seed: int
         raise UsageError(message) from None
 
 
-def _new_out(out: str | None, stem: str) -> str:
+def _new_out(out: str | None, stem: str, resumable: bool = True) -> str:
     """The output folder of a new run; an existing non-empty folder is refused."""
     if out is None:
         base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -410,16 +419,40 @@ def _new_out(out: str | None, stem: str) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out: {out} is a file, expected a folder (a new or empty one)")
     if os.path.isdir(out) and os.listdir(out) == [CLAIM]:
-        raise UsageError(
-            f"--out: {out} is taken by another run ({CLAIM} in it; that run has not written "
-            "yet), expected a new folder"
-        )
+        owner = _claim_owner(out)
+        if owner is not None:
+            raise UsageError(
+                f"--out: {out} is taken by another run (process {owner}, still running, has not "
+                "written yet), expected a new folder"
+            )
+        # The run that claimed the folder died before writing anything: the folder is free.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, CLAIM))
     if os.path.isdir(out) and os.listdir(out):
         raise UsageError(
-            f"--out: {out} exists and is not empty, expected a new folder (or --resume to "
-            "continue the run in it)"
+            f"--out: {out} exists and is not empty, expected a new folder"
+            + (" (or --resume to continue the run in it)" if resumable else "")
         )
     return out
+
+
+def _claim_owner(out: str) -> int | None:
+    """The pid of the live process that claimed out, or None when that process has ended (or
+    the marker names none): a run killed before its first checkpoint leaves only its marker."""
+    try:
+        with open(os.path.join(out, CLAIM), encoding="utf-8") as handle:
+            pid = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, another user's
+    return pid
 
 
 def _claim_out(out: str, chosen: bool) -> str:
@@ -430,7 +463,11 @@ def _claim_out(out: str, chosen: bool) -> str:
     while True:
         try:
             os.makedirs(out, exist_ok=chosen)
-            os.close(os.open(os.path.join(out, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            marker = os.open(os.path.join(out, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            try:
+                os.write(marker, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(marker)
             return out
         except FileExistsError:
             if chosen:
@@ -477,6 +514,11 @@ def _plan_resume(args: argparse.Namespace):
 
     if args.out is None:
         raise UsageError("--resume: needs --out, the folder of the run to continue")
+    if os.path.isdir(args.out) and os.listdir(args.out) == [CLAIM]:
+        raise UsageError(
+            f"--out: {args.out} holds no checkpoint: its run stopped before the end of its first "
+            "epoch; start it again with the same --out and without --resume"
+        )
     try:
         stored, weights, payload, state = load_checkpoint(args.out)
         check_resume_state(args.out, state)
@@ -493,8 +535,8 @@ def _plan_resume(args: argparse.Namespace):
     ]
     if ignored:
         raise UsageError(
-            f"--resume: got {' '.join(ignored)}, expected only --epochs and --device (the "
-            "rest comes from the checkpoint)"
+            f"--resume: got {' '.join(ignored)}, expected only --epochs, --device, --nproc and "
+            "--dist-timeout (the rest comes from the checkpoint)"
         )
     try:
         data = stored["data"]
@@ -905,7 +947,7 @@ def _compare(args: argparse.Namespace) -> int:
             f"{min(split.x_train.shape)} for PCA on this data"
         )
     noise = parse_corruption(models["denoising"].noise.spec())
-    out = _new_out(args.out, "compare")
+    out = _new_out(args.out, "compare", resumable=False)
 
     # 2. Train every variant (each a run folder that `fastae eval` reads) and fit PCA.
     _set_threads(train.device, models["undercomplete"])

@@ -256,10 +256,10 @@ def test_a_run_folder_is_claimed_before_anything_is_written(tmp_path, monkeypatc
     # Another run takes the folder between this run's checks and its first write.
     checked = cli._new_out
 
-    def raced(out, stem):
-        out = checked(out, stem)
+    def raced(out, stem, resumable=True):
+        out = checked(out, stem, resumable)
         os.makedirs(out)
-        (tmp_path / out / cli.CLAIM).write_text("")
+        (tmp_path / out / cli.CLAIM).write_text(f"{os.getpid()}\n")  # a live process
         return out
 
     monkeypatch.setattr(cli, "_new_out", raced)
@@ -275,8 +275,8 @@ def test_a_run_folder_is_claimed_before_anything_is_written(tmp_path, monkeypatc
     # Started later, while the other run has written nothing but its claim.
     assert _main(["train", "--epochs", "1", "--out", "shared"]) == 2
     assert capsys.readouterr().err == (
-        f"fastae train: error: --out: shared is taken by another run ({cli.CLAIM} in it; that run "
-        "has not written yet), expected a new folder\n"
+        f"fastae train: error: --out: shared is taken by another run (process {os.getpid()}, "
+        "still running, has not written yet), expected a new folder\n"
     )
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [cli.CLAIM]
 
@@ -458,3 +458,35 @@ def test_compare_with_relu_skips_sparse_kl_and_says_why(tmp_path):
     table = (out / "compare.md").read_text()
     assert "| sparse-kl |" not in table and table.rstrip().endswith(note)
     assert len((out / "compare.csv").read_text().splitlines()) == 7
+
+
+def test_a_folder_claimed_by_a_dead_run_can_be_used_again(tmp_path, monkeypatch, capsys):
+    # A run killed before its first checkpoint leaves only its claim, naming a process that has
+    # ended: --resume says what happened, and a new run with the same --out takes the folder.
+    monkeypatch.chdir(tmp_path)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "dead" / cli.CLAIM).write_text(ended.stdout)
+
+    assert _main(["train", "--resume", "--out", "dead"]) == 2
+    assert capsys.readouterr().err == (
+        "fastae train: error: --out: dead holds no checkpoint: its run stopped before the end of "
+        "its first epoch; start it again with the same --out and without --resume\n"
+    )
+    assert _main(["train", "--epochs", "1", "--out", "dead"]) == 0
+    assert (tmp_path / "dead" / "checkpoint" / "state.json").exists()
+    assert (tmp_path / "dead" / cli.CLAIM).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_bad_backend_override_is_one_line_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTAE_BACKEND", "bogus")
+    assert _main(["train", "--epochs", "1", "--out", "run"]) == 2
+    assert capsys.readouterr().err == (
+        "fastae train: error: FASTAE_BACKEND: got 'bogus', expected 'torch' or 'triton' (or "
+        "unset)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
