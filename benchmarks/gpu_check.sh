@@ -16,6 +16,23 @@ mkdir -p "$OUT"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# Without a CUDA device there is nothing to check: say so first, in summary.txt and on stdout,
+# and fail (exit 3: no device; exit 4: torch itself does not import with $PYTHON).
+"$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" \
+    > "$OUT/cuda-check.txt" 2>&1
+CUDA_RC=$?
+if [ "$CUDA_RC" -ne 0 ]; then
+    if [ "$CUDA_RC" -eq 3 ]; then
+        echo "no CUDA device: GPU tests skipped, benchmarks not run" | tee "$OUT/summary.txt"
+        echo "($PYTHON: torch.cuda.is_available() is False)" | tee -a "$OUT/summary.txt"
+        echo "results in $OUT" | tee -a "$OUT/summary.txt"
+        exit 3
+    fi
+    echo "torch does not import with $PYTHON: GPU tests skipped, benchmarks not run" \
+        | tee "$OUT/summary.txt"
+    echo "(see $OUT/cuda-check.txt)" | tee -a "$OUT/summary.txt"
+    exit 4
+fi
 # A GPU machine that has torch and triton but not fastae (machines without network access
 # included): install this checkout in place, without dependencies or a build environment.
 if ! (cd /tmp && "$PYTHON" -c "import fastae.kernels" 2>/dev/null); then
@@ -43,7 +60,18 @@ torch.cuda.get_device_name())" 2>&1
 FASTAE_GPU_TESTS=1 timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -m gpu tests/ -rA \
     --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
 TEST_RC=$?
-echo "gpu tests: exit $TEST_RC (124 = timed out after ${TEST_TIMEOUT}s)" | tee "$OUT/summary.txt"
+# pytest's closing line, e.g. "==== 40 passed, 2 skipped, 900 deselected in 61.2s ====".
+TEST_LAST=$(grep -E '^=+ .* in [0-9.]+s' "$OUT/gpu-tests.txt" | tail -n 1)
+count() {
+    local n
+    n=$(printf '%s\n' "$TEST_LAST" | grep -Eo "[0-9]+ $1" | grep -Eo '^[0-9]+')
+    echo "${n:-0}"
+}
+{
+    echo "gpu tests: $(count passed) passed, $(count failed) failed, $(count skipped) skipped," \
+        "$(count 'errors?') errors; exit $TEST_RC (124 = timed out after ${TEST_TIMEOUT}s)"
+    [ -n "$TEST_LAST" ] || echo "gpu tests: no pytest summary line in $OUT/gpu-tests.txt"
+} | tee "$OUT/summary.txt"
 # The cost of a denoising encoder step against a clean one (printed by tests/test_gpu.py).
 grep -h "denoising step" "$OUT/gpu-tests.txt" | sort -u | tee -a "$OUT/summary.txt"
 

@@ -81,15 +81,79 @@ def test_jacobian_left_out_of_large_shapes():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--shapes", "256x784"], "--shapes: got '256x784', expected BxDxH"),
-        (["--dtype", "fp8"], "--dtype: got 'fp8'"),
-        (["--candidates", "numpy"], "--candidates: got 'numpy'"),
+        (["--shapes", "256x784"], "argument --shapes: got '256x784', expected BxDxH"),
+        (["--dtype", "fp8"], "argument --dtype: got 'fp8', expected"),
+        (["--candidates", "numpy"], "argument --candidates: got 'numpy', expected"),
+        (["--threads", "0"], "argument --threads: got '0', expected an integer >= 1"),
+        (["--threads", "-2"], "argument --threads: got '-2', expected an integer >= 1"),
+        (["--repeats", "0"], "argument --repeats: got '0', expected an integer >= 1"),
+        (["--repeats", "two"], "argument --repeats: got 'two', expected an integer >= 1"),
+        (["--warmup", "-1"], "argument --warmup: got '-1', expected an integer >= 0"),
+        (["--compile-mode", "bogus"], "argument --compile-mode: invalid choice: 'bogus'"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    # One argparse error line, exit status 2, the flag named once, before any work is done.
+    with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
-    assert message in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    (last,) = [line for line in err.splitlines() if line.startswith("fastae bench: error:")]
+    assert message in last
+    flag = argv[0]
+    assert last.count(flag) == 1
+    assert "Traceback" not in err
+
+
+def test_compile_modes_in_help_and_accepted():
+    parser = bench.build_parser()
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        assert parser.parse_args(["--compile-mode", mode]).compile_mode == mode
+    assert parser.parse_args(["--warmup", "0"]).warmup == 0
+    assert parser.parse_args(["--repeats", "1", "--threads", "1"]).repeats == 1
+
+
+def test_help_states_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    # argparse wraps help text; compare with whitespace collapsed.
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at least 1 (default: by the case's size" in text
+    assert "20 to 300 on cpu, 200 on cuda, 50 above 1e11 flops" in text
+    assert "at least 0 (default: 5)" in text
+    assert "(default: benchmarks/results, relative to the current directory)" in text
+
+
+def test_candidates_that_cannot_run_here_are_refused(tmp_path, capsys):
+    # fastae-triton needs CUDA: asked for alone on a CPU it is refused before any work, and no
+    # file is written.
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--candidates", "fastae-triton", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "fastae bench: error: --candidates: got fastae-triton, none of which can run on cpu; "
+        "on cpu this machine can run jacobian, eager, compile, fastae-torch, floor"
+    ) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_candidates_partly_runnable_run_and_log_the_rest(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fastae.bench"):
+        status = bench.main(
+            [
+                "--device", "cpu", "--shapes", "8x4x4", "--candidates", "fastae-triton,eager",
+                "--repeats", "1", "--warmup", "0", "--no-plot", "--out", str(tmp_path),
+            ]
+        )  # fmt: skip
+    assert status == 0
+    assert "--candidates: skipped fastae-triton, not runnable on cpu" in caplog.messages
+    (json_path,) = tmp_path.glob("*.json")
+    candidates = json.loads(json_path.read_text())["cases"][0]["candidates"]
+    assert list(candidates) == ["eager"]
+    assert candidates["eager"]["status"] == "ok"
+    assert candidates["eager"]["forward_backward"]["runs"] == 1
 
 
 def _record(shape, dtype, medians, saved=None):
