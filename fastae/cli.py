@@ -846,8 +846,9 @@ def _train_run(args: argparse.Namespace, plan, context) -> int:
     plots.codes_2d(os.path.join(out, "codes.png"), codes, split.y_val)
 
     final = result.history[-1]
+    epochs = f"{final['epoch']} epoch" + ("s" if final["epoch"] != 1 else "")
     sys.stdout.write(
-        f"run {out}: {model.variant} AE, {final['epoch']} epochs in {result.train_seconds:.1f} s\n"
+        f"run {out}: {model.variant} AE, {epochs} in {result.train_seconds:.1f} s\n"
         f"  train loss {final['train_loss']:.5f}  val loss {final['val_loss']:.5f}\n"
         f"  {_metrics_line(metrics)}\n"
         f"{warning}"

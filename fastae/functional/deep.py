@@ -368,7 +368,8 @@ def deep_encode(
         per layer, and the DeepPenalty of the whole encoder. Everything is differentiable with
         ordinary backward.
 
-    Not supported: process groups (the penalty is a mean over the local batch).
+    The penalty is a mean over the local batch and takes no process group; the Autoencoder
+    turns it into a mean over every rank's batch (fastae.functional.distributed.global_mean).
     """
     # fastae.functional imports this module, so encode is looked up at call time.
     from fastae.functional import encode
