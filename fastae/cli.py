@@ -499,6 +499,29 @@ def _write_text(path: str, text: str) -> None:
 # -- train ---------------------------------------------------------------------------------------
 
 
+def _training_setup(args: argparse.Namespace):
+    """The training configuration, the data description, the data set and its split of a new
+    run (train) or of every run of compare, from the flags and their defaults."""
+    from fastae.train import TrainConfig
+
+    train = TrainConfig(
+        epochs=args.epochs or DEFAULT_EPOCHS,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        lr=args.lr or DEFAULT_LR,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
+        device=_device(args.device),
+    )
+    data = {
+        "source": _source(args.data),
+        "label_column": args.label_column,
+        "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
+    }
+    dataset, split = _load_split(
+        args.data or "digits", data["label_column"], data["val_fraction"], train.seed
+    )
+    return train, data, dataset, split
+
+
 def _plan_resume(args: argparse.Namespace):
     """Model, training config, data and folder of the run to continue (from its checkpoint)."""
     import torch
@@ -596,26 +619,11 @@ def _plan_resume(args: argparse.Namespace):
 def _plan_new(args: argparse.Namespace):
     """Model, training config, data and folder of a new run (from the flags)."""
     from fastae.data import fingerprint
-    from fastae.train import TrainConfig
 
     variant = args.variant or "contractive"
     hidden = args.hidden or DEFAULT_HIDDEN
     kwargs = _model_kwargs(variant, args)
-    train = TrainConfig(
-        epochs=args.epochs or DEFAULT_EPOCHS,
-        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-        lr=args.lr or DEFAULT_LR,
-        seed=DEFAULT_SEED if args.seed is None else args.seed,
-        device=_device(args.device),
-    )
-    data = {
-        "source": _source(args.data),
-        "label_column": args.label_column,
-        "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
-    }
-    dataset, split = _load_split(
-        args.data or "digits", data["label_column"], data["val_fraction"], train.seed
-    )
+    train, data, dataset, split = _training_setup(args)
     data["fingerprint"] = fingerprint(dataset.x)
     model = _build_model(split.x_train.shape[1], hidden, variant, kwargs, train.seed)
     if args.pretrain_epochs is not None and not args.stacked:
@@ -893,27 +901,12 @@ def _compare(args: argparse.Namespace) -> int:
     from fastae.metrics import evaluate_model
     from fastae.metrics import evaluate_pca
     from fastae.models import VARIANTS
-    from fastae.train import TrainConfig
     from fastae.train import fit
     from fastae.train import run_config
 
     # 1. Check everything and build every model before writing anything.
     hidden = args.hidden or DEFAULT_HIDDEN
-    train = TrainConfig(
-        epochs=args.epochs or DEFAULT_EPOCHS,
-        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-        lr=args.lr or DEFAULT_LR,
-        seed=DEFAULT_SEED if args.seed is None else args.seed,
-        device=_device(args.device),
-    )
-    data = {
-        "source": _source(args.data),
-        "label_column": args.label_column,
-        "val_fraction": args.val_fraction or DEFAULT_VAL_FRACTION,
-    }
-    dataset, split = _load_split(
-        args.data or "digits", data["label_column"], data["val_fraction"], train.seed
-    )
+    train, data, dataset, split = _training_setup(args)
     data["scaler"] = {"low": split.scaler.low, "high": split.scaler.high}
     data["image_shape"] = list(split.image_shape) if split.image_shape else None
     data["fingerprint"] = fingerprint(dataset.x)
