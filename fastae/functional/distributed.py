@@ -51,6 +51,23 @@ def all_reduce_sums(
     return packed[0].to(dtype), packed[1].to(dtype), packed[3:].to(dtype), total, world
 
 
+def finish_stats(
+    contractive_sum: Tensor, l1_sum: Tensor, column_sum: Tensor, count: int, process_group
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The statistics of a batch from its local sums, global over the group when there is one.
+
+    Both backends call this after their forward pass. Returns (contractive, rho_hat, l1) as
+    means over every sample of every rank, and the factor stat_grad_scale gives for backward.
+    """
+    total, world = count, 1
+    if is_distributed(process_group):
+        contractive_sum, l1_sum, column_sum, total, world = all_reduce_sums(
+            contractive_sum, l1_sum, column_sum, count, process_group
+        )
+    scale = stat_grad_scale(count, total, world)
+    return contractive_sum / total, column_sum / total, l1_sum / total, scale
+
+
 def stat_grad_scale(count: int, total: int, world: int) -> float:
     """The factor that turns an upstream statistic gradient into a per-sample one: 1 / B on one
     process, R / N across R processes (see the module docstring)."""

@@ -37,9 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from fastae.activations import Activation
 from fastae.functional.checks import stats_dtype
-from fastae.functional.distributed import all_reduce_sums
-from fastae.functional.distributed import is_distributed
-from fastae.functional.distributed import stat_grad_scale
+from fastae.functional.distributed import finish_stats
 from fastae.functional.noise import draw
 from fastae.functional.noise import rank_of
 
@@ -157,20 +155,17 @@ class TorchEncodeFunction(torch.autograd.Function):
         x_in = draw(x, noise, rank)[0] if noise is not None else x
         h, contractive_sum, column_sum, l1_sum, n = _forward(x_in, weight, bias, act)
         del x_in
-        count = x.shape[0]
-        total, world = count, 1
-        if is_distributed(process_group):
-            contractive_sum, l1_sum, column_sum, total, world = all_reduce_sums(
-                contractive_sum, l1_sum, column_sum, count, process_group
-            )
+        contractive, rho_hat, l1, scale = finish_stats(
+            contractive_sum, l1_sum, column_sum, x.shape[0], process_group
+        )
 
         ctx.save_for_backward(x, weight, h, n)
         ctx.act = act
         ctx.noise = noise
         ctx.rank = rank
-        ctx.scale = stat_grad_scale(count, total, world)
+        ctx.scale = scale
         ctx.set_materialize_grads(False)
-        return h, contractive_sum / total, column_sum / total, l1_sum / total
+        return h, contractive, rho_hat, l1
 
     @staticmethod
     @once_differentiable

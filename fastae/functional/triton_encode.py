@@ -26,9 +26,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastae.functional.distributed import all_reduce_sums
-from fastae.functional.distributed import is_distributed
-from fastae.functional.distributed import stat_grad_scale
+from fastae.functional.distributed import finish_stats
 from fastae.functional.noise import rank_of
 from fastae.kernels.encoder_backward import encoder_backward
 from fastae.kernels.encoder_forward import encoder_forward
@@ -59,20 +57,17 @@ class TritonEncodeFunction(torch.autograd.Function):
         h, contractive_sum, column_sum, l1_sum, n = encoder_forward(
             x, weight, bias, act.code, noise_args
         )
-        count = x.shape[0]
-        total, world = count, 1
-        if is_distributed(process_group):
-            contractive_sum, l1_sum, column_sum, total, world = all_reduce_sums(
-                contractive_sum, l1_sum, column_sum, count, process_group
-            )
+        contractive, rho_hat, l1, scale = finish_stats(
+            contractive_sum, l1_sum, column_sum, x.shape[0], process_group
+        )
 
         ctx.save_for_backward(x, weight, h, n)
         ctx.act = act
         ctx.noise_args = noise_args
         ctx.has_bias = bias is not None
-        ctx.scale = stat_grad_scale(count, total, world)
+        ctx.scale = scale
         ctx.set_materialize_grads(False)
-        return h, contractive_sum / total, column_sum / total, l1_sum / total
+        return h, contractive, rho_hat, l1
 
     @staticmethod
     @once_differentiable
