@@ -71,3 +71,55 @@ def test_rho_outside_the_open_interval_is_refused(rho):
 def test_nan_rho_hat_is_refused():
     with pytest.raises(ValueError, match=r"rho_hat: got values in \[nan, nan\]"):
         fastae.kl_sparsity(torch.tensor([float("nan")], dtype=f64), 0.05)
+
+
+def formula(rho_hat, rho, eps):
+    """The penalty written out as plain autograd code: what the closed-form backward must match."""
+    r = rho_hat.clamp(eps, 1.0 - eps)
+    return (rho * torch.log(rho / r) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - r))).sum()
+
+
+def test_value_and_gradient_equal_autograd_of_the_formula():
+    # Interior values, values the clamp moves (below eps, above 1 - eps) and values exactly on
+    # the bounds, where torch.clamp still passes the gradient.
+    eps = 1e-3
+    values = [0.3, 0.05, 0.9, 1e-5, 0.0, 0.9999, 1.0, eps, 1.0 - eps, 0.5]
+    rho_hat = torch.tensor(values, dtype=f64, requires_grad=True)
+    want_rho_hat = rho_hat.detach().clone().requires_grad_(True)
+    value = fastae.kl_sparsity(rho_hat, 0.05, eps)
+    want = formula(want_rho_hat, 0.05, eps)
+    assert value.item() == pytest.approx(want.item(), rel=1e-14)
+    (value * 1.7).backward()
+    (want * 1.7).backward()
+    # atol: at rho_hat = rho the formula's two terms cancel to 2e-16 instead of 0.
+    torch.testing.assert_close(rho_hat.grad, want_rho_hat.grad, rtol=1e-12, atol=1e-15)
+    assert rho_hat.grad[1].item() == 0.0
+    # The clamped entries get exactly zero; the ones on a bound do not.
+    assert rho_hat.grad[[3, 4, 5, 6]].eq(0).all()
+    assert rho_hat.grad[[7, 8]].ne(0).all()
+
+
+def test_gradcheck():
+    rho_hat = torch.tensor([0.02, 0.1, 0.4, 0.75], dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r: fastae.kl_sparsity(r, 0.1), (rho_hat,))
+
+
+def test_no_gradient_is_prepared_without_requires_grad():
+    value = fastae.kl_sparsity(torch.tensor([0.2, 0.5], dtype=f64), 0.1)
+    assert value.grad_fn is None
+
+
+def test_double_backward_equals_autograd_of_the_formula():
+    eps = 1e-3
+    rho_hat = torch.tensor([0.2, 0.5, 1e-4, 0.9995, eps], dtype=f64, requires_grad=True)
+    want_rho_hat = rho_hat.detach().clone().requires_grad_(True)
+    weights = torch.tensor([0.3, -1.1, 0.7, 2.0, 0.4], dtype=f64)
+    (grad,) = torch.autograd.grad(fastae.kl_sparsity(rho_hat, 0.1, eps), rho_hat, create_graph=True)
+    (want,) = torch.autograd.grad(formula(want_rho_hat, 0.1, eps), want_rho_hat, create_graph=True)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
+    (second,) = torch.autograd.grad((grad * weights).sum(), rho_hat)
+    (want_second,) = torch.autograd.grad((want * weights).sum(), want_rho_hat)
+    torch.testing.assert_close(second, want_second, rtol=1e-12, atol=1e-15)
+    # d2K/dr2 = rho / r^2 + (1 - rho) / (1 - r)^2 at r = 0.2, by hand: 2.5 + 1.40625.
+    assert second[0].item() == pytest.approx(0.3 * 3.90625, rel=1e-14)
+    assert second[2].item() == 0.0 and second[3].item() == 0.0

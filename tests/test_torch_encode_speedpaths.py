@@ -125,7 +125,8 @@ def test_float32_sigmoid_against_float64():
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
-def test_saves_only_h_and_n_besides_the_inputs(activation):
+def test_saves_only_h_n_and_s_besides_the_inputs(activation):
+    # h (B, H), the row norms n (H,) and the column sums of f'^2 s (H,).
     x, weight, b, _ = _inputs((16, 10, 7), torch.float32, x_grad=False)
     inputs = {x.data_ptr(), weight.data_ptr(), b.data_ptr()}
     saved = []
@@ -137,4 +138,4 @@ def test_saves_only_h_and_n_besides_the_inputs(activation):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fastae.encode(x, weight, b, activation, backend="torch")
-    assert sorted(saved) == [(7,), (16, 7)]
+    assert sorted(saved) == [(7,), (7,), (16, 7)]

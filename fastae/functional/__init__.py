@@ -28,6 +28,7 @@ from fastae.functional.deep import DeepEncodeResult
 from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import deep_contractive_penalty
 from fastae.functional.deep import deep_encode
+from fastae.functional.kl import KLSparsityFunction
 from fastae.functional.noise import Noise
 from fastae.functional.noise import check_noise
 from fastae.functional.stats import EncodeStats
@@ -115,8 +116,9 @@ def encode(
     act = get_activation(activation)
     check_encode_args(x, weight, bias)
     check_noise(noise)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    # (*, D) inputs are flattened into (B, D); a plain (B, D) input skips the two reshapes.
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
 
     if resolve_backend(backend, x.device) == "triton":
         from fastae.functional.triton_encode import TritonEncodeFunction
@@ -128,7 +130,9 @@ def encode(
         h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(
             x2, weight, bias, act, process_group, noise
         )
-    return h.reshape(*lead, weight.shape[0]), EncodeStats(contractive, rho_hat, l1)
+    if not flat:
+        h = h.reshape(*x.shape[:-1], weight.shape[0])
+    return h, EncodeStats(contractive, rho_hat, l1)
 
 
 def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
@@ -146,7 +150,8 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
         eps: the clamp margin, in (0, 0.5).
 
     Returns:
-        A scalar tensor of the dtype of rho_hat.
+        A scalar tensor of the dtype of rho_hat. Its gradient is computed in closed form
+        (fastae.functional.kl); double backward through it is refused.
     """
     rho = check_rho(rho)
     check_tensor("rho_hat", rho_hat)
@@ -160,8 +165,7 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
             f"rho_hat: got values in [{low.item():.6g}, {high.item():.6g}], expected values in "
             "[0, 1]: the KL penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
         )
-    r = rho_hat.clamp(eps, 1.0 - eps)
-    return (rho * torch.log(rho / r) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - r))).sum()
+    return KLSparsityFunction.apply(rho_hat, rho, float(eps))
 
 
 def contractive_penalty(

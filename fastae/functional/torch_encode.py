@@ -32,12 +32,14 @@ against eager autograd, torch.compile and the bare matmuls (README, "Benchmarks"
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastae.activations import Activation
 from fastae.functional.checks import stats_dtype
 from fastae.functional.distributed import finish_stats
+from fastae.functional.distributed import is_distributed
 from fastae.functional.noise import draw
 from fastae.functional.noise import rank_of
 
@@ -56,7 +58,7 @@ def _d1(act: Activation, h: Tensor) -> Tensor:
 
 
 def _d2(act: Activation, h: Tensor, fp: Tensor) -> Tensor:
-    """f'' from h, given f' = fp; for sigmoid f' - 2 h f' in one fused op."""
+    """f'' from h as a fresh tensor, given f' = fp; for sigmoid f' - 2 h f' in one fused op."""
     if act.name == "sigmoid":
         return torch.addcmul(fp, h, fp, value=-2.0)
     return act.d2(h)
@@ -75,72 +77,99 @@ def _row_norms_squared(weight: Tensor, acc: torch.dtype) -> Tensor:
     return w.square().sum(1)
 
 
-def _column_sums_of_squares(t: Tensor) -> Tensor:
-    """sum_b t_bj^2 for each column j; t is a temporary of ours and is overwritten.
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation, means: bool):
+    """h, the three statistics, n and s, from one matmul and a few passes over h.
 
-    NOTE: not vector_norm(t, dim=0): reducing along the strided dimension it took 108 us for a
-    (256, 512) fp32 t on the README's 2-core CPU, against 19 us for square_ plus sum(0).
+    means=True gives the batch means (one process); means=False the local sums that
+    finish_stats all-reduces and divides. s_j = sum_b f'(a_bj)^2 (divided by B when means) gives
+    the contractive statistic now and the row-norm term of dL/dW in the backward, which
+    therefore needs no pass over f'^2 of its own.
     """
-    return t.square_().sum(0)
-
-
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
-    """h, the three local sums and n, all from one matmul and a few passes over h."""
     acc = stats_dtype(x.dtype)
-    a = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    # n first: its (H, D) temporary is freed before h and the (B, H) temporaries are allocated,
+    # so that they can reuse its memory.
+    n = _row_norms_squared(weight, acc)
+    a = F.linear(x, weight, bias)
     # a is a fresh tensor of ours: apply f in place rather than allocating h next to it.
     in_place = _IN_PLACE.get(act.name)
     h = in_place(a) if in_place is not None else act.forward(a)
     h_acc = h if h.dtype == acc else h.to(acc)
 
-    n = _row_norms_squared(weight, acc)
-    contractive_sum = torch.dot(_column_sums_of_squares(_d1(act, h_acc)), n)
-    column_sum = h_acc.sum(0)
-    # For activations with h >= 0 the L1 sum is the sum of the column sums: no extra pass.
-    l1_sum = column_sum.sum() if act.low >= 0 else h_acc.abs().sum()
-    return h, contractive_sum, column_sum, l1_sum, n
+    # NOTE: not vector_norm(f', dim=0) squared: reducing along the strided dimension it took
+    # 108 us for a (256, 512) fp32 f' on the README's 2-core CPU, against 19 us for square_ and a
+    # reduction.
+    fp_squared = _d1(act, h_acc).square_()
+    s = fp_squared.mean(0) if means else fp_squared.sum(0)
+    del fp_squared
+    contractive = torch.dot(s, n)
+    column = h_acc.mean(0) if means else h_acc.sum(0)
+    # For activations with h >= 0 the L1 statistic is the sum of the column statistics.
+    if act.low >= 0:
+        l1 = column.sum()
+    else:
+        l1 = h_acc.abs().sum()
+        l1 = l1.div_(h.shape[0]) if means else l1
+    return h, contractive, column, l1, n, s
 
 
-def _delta(act, h, n, fp, g_h, g_contractive, g_rho_hat, g_l1, scale):
-    """delta = f' * (g_h + g_r scale + g_A scale sign(h)) + 2 g_C scale f' f'' n, in acc dtype.
+def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
+    """delta = f' * (g_h + g_r scale + g_A scale sign(h) + 2 g_C scale f'' n), in acc dtype.
 
-    The (H,) and scalar parts of the bracket are gathered into one column vector first, so that
-    they cost no pass over (B, H). For activations with h >= 0 (sigmoid, relu, softplus),
-    f' sign(h) = f': sign(h) is 1 wherever h > 0, and where h = 0 the factor f' is 0 as well
-    (sigmoid and softplus reach h = 0 only where f' has underflowed to 0, relu has f' = 0 there),
-    so the L1 term joins the column vector too.
+    The bracket is built in as few passes over (B, H), as few (B, H) allocations (on a CPU a
+    fresh buffer can cost page faults as well as a pass) and as few operator calls as possible:
+    f' and f'' are the only two (B, H) tensors allocated, the other terms are added into f'' in
+    place, and f' is multiplied by the bracket in place to become delta. The (H,) and scalar
+    parts of the bracket are gathered into one column vector first. For activations with
+    h >= 0 (sigmoid, relu, softplus), f' sign(h) = f': sign(h) is 1 wherever h > 0, and where
+    h = 0 the factor f' is 0 as well (sigmoid and softplus reach h = 0 only where f' has
+    underflowed to 0, relu has f' = 0 there), so the L1 term joins the column vector too.
     """
     acc = n.dtype
-    column = None
-    if g_rho_hat is not None:
-        column = g_rho_hat.to(acc) * scale
+    fp = _d1(act, h)  # a fresh tensor of ours: it becomes delta in place
+
+    g_r = None if g_rho_hat is None else _as(g_rho_hat, acc)
+    g_a = None if g_l1 is None else _as(g_l1, acc)
     sign_term = None
-    if g_l1 is not None:
-        g_a = g_l1.to(acc) * scale
-        if act.low >= 0:
-            column = g_a.expand(h.shape[1]) if column is None else column.add_(g_a)
-        else:
-            sign_term = torch.sign(h).mul_(g_a)
-
-    # inner = g_h + column (+ sign term): a tensor this function owns, so updates are in place.
-    if g_h is not None:
-        g_h = g_h if g_h.dtype == acc else g_h.to(acc)
-        inner = torch.add(g_h, column) if column is not None else g_h.clone()
-    elif column is not None:
-        inner = column.expand_as(h).clone()
+    if g_a is not None and act.low < 0:
+        sign_term = torch.sign(h).mul_(g_a * scale)
+        g_a = None
+    # column = (g_r + g_A) scale, an (H,) or one-element tensor, or None.
+    if g_r is not None:
+        column = torch.add(g_r, g_a).mul_(scale) if g_a is not None else g_r * scale
     else:
-        inner = None
-    if sign_term is not None:
-        inner = sign_term if inner is None else inner.add_(sign_term)
+        column = g_a * scale if g_a is not None else None
 
-    # The contractive term, 2 g_C scale f'' n, joins the bracket before the one multiply by f'.
+    if g_h is not None:
+        g_h = _as(g_h, acc)
+    # bracket: a (B, H) tensor, owned (ours to update in place) or not (g_h), or None.
+    bracket, owned = None, False
     if g_contractive is not None and act.name not in _ZERO_D2:
-        cn = n * (2 * scale * g_contractive.to(acc))
-        d2 = _d2(act, h, fp)
-        inner = d2.mul_(cn) if inner is None else inner.addcmul_(d2, cn)
-    if inner is None:
-        return torch.zeros_like(h)
-    return inner.mul_(fp)
+        cn = n * (_as(g_contractive, acc) * (2 * scale))
+        bracket, owned = _d2(act, h, fp), True
+        if g_h is not None:
+            torch.addcmul(g_h, bracket, cn, out=bracket)
+        else:
+            bracket.mul_(cn)
+    elif g_h is not None:
+        bracket = g_h
+    if sign_term is not None:
+        bracket = sign_term if bracket is None else sign_term.add_(bracket)
+        owned = True
+    if column is not None:
+        if bracket is None:
+            bracket = column
+        elif owned:
+            bracket.add_(column)
+        else:
+            bracket = torch.add(bracket, column)
+    if bracket is None:
+        return fp.zero_()
+    return fp.mul_(bracket)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without an operator call when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class TorchEncodeFunction(torch.autograd.Function):
@@ -153,24 +182,32 @@ class TorchEncodeFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act, process_group, noise=None):
         rank = rank_of(process_group) if noise is not None else 0
         x_in = draw(x, noise, rank)[0] if noise is not None else x
-        h, contractive_sum, column_sum, l1_sum, n = _forward(x_in, weight, bias, act)
+        distributed = is_distributed(process_group)
+        h, contractive, rho_hat, l1, n, s = _forward(x_in, weight, bias, act, not distributed)
         del x_in
-        contractive, rho_hat, l1, scale = finish_stats(
-            contractive_sum, l1_sum, column_sum, x.shape[0], process_group
-        )
+        if distributed:
+            contractive, rho_hat, l1, scale = finish_stats(
+                contractive, l1, rho_hat, x.shape[0], process_group
+            )
+            # s holds local sums: times scale they are what the dL/dW term needs.
+            s_scale = scale
+        else:
+            # s holds means, (1/B) sum_b f'^2, already what the dL/dW term needs.
+            scale, s_scale = 1.0 / x.shape[0], 1.0
 
-        ctx.save_for_backward(x, weight, h, n)
+        ctx.save_for_backward(x, weight, h, n, s)
         ctx.act = act
         ctx.noise = noise
         ctx.rank = rank
         ctx.scale = scale
+        ctx.s_scale = s_scale
         ctx.set_materialize_grads(False)
         return h, contractive, rho_hat, l1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
-        x, weight, h, n = ctx.saved_tensors
+        x, weight, h, n, s = ctx.saved_tensors
         act = ctx.act
         scale = ctx.scale
         acc = n.dtype
@@ -183,10 +220,8 @@ class TorchEncodeFunction(torch.autograd.Function):
         if ctx.noise is not None:
             x, keep = draw(x, ctx.noise, ctx.rank)
 
-        h_acc = h if h.dtype == acc else h.to(acc)
-        fp = _d1(act, h_acc)
-        delta = _delta(act, h_acc, n, fp, g_h, g_contractive, g_rho_hat, g_l1, scale)
-        delta = delta if delta.dtype == x.dtype else delta.to(x.dtype)
+        delta = _delta(act, _as(h, acc), n, g_h, g_contractive, g_rho_hat, g_l1, scale)
+        delta = _as(delta, x.dtype)
 
         grad_x = grad_w = grad_b = None
         # grad w.r.t. input
@@ -196,15 +231,14 @@ class TorchEncodeFunction(torch.autograd.Function):
                 grad_x = grad_x.mul_(keep)
         # grad w.r.t. weight: delta^T x plus the term through the row norms n_j
         if need_w:
-            grad_w = delta.t() @ x
+            grad_w = torch.mm(delta.t(), x)
             if g_contractive is not None:
                 # NOTE: one in-place (H, D) pass on the matmul's output. addmm(W * coef, ...)
                 # takes two (the product, then addmm's copy of it into its output): 1036 us
                 # against 1047 us at (256, 784, 512) fp32 on the README's 2-core CPU, bare
-                # matmul 1010 us (fastest of 400 interleaved runs each). fp is not needed after
-                # delta, so its square is taken in place.
-                coef = _column_sums_of_squares(fp).mul_(2 * scale * g_contractive.to(acc))
-                grad_w.addcmul_(weight, coef.to(weight.dtype)[:, None])
+                # matmul 1010 us (fastest of 400 interleaved runs each).
+                coef = s * (_as(g_contractive, acc) * (2 * ctx.s_scale))
+                grad_w.addcmul_(weight, _as(coef, weight.dtype).unsqueeze(1))
         # grad w.r.t. bias
         if need_b:
             grad_b = delta.sum(0)
