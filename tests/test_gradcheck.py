@@ -102,7 +102,7 @@ def backward_matmuls(x_requires_grad):
     loss = h.sum() + stats.contractive
     with Record() as record:
         loss.backward()
-    return [op for op in record.ops if op in ("mm", "addmm", "matmul", "bmm")]
+    return [op for op in record.ops if op in ("mm", "addmm", "addmm_", "matmul", "bmm")]
 
 
 def test_the_input_gradient_matmul_is_skipped_when_x_needs_no_gradient():
