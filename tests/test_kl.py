@@ -123,3 +123,19 @@ def test_double_backward_equals_autograd_of_the_formula():
     # d2K/dr2 = rho / r^2 + (1 - rho) / (1 - r)^2 at r = 0.2, by hand: 2.5 + 1.40625.
     assert second[0].item() == pytest.approx(0.3 * 3.90625, rel=1e-14)
     assert second[2].item() == 0.0 and second[3].item() == 0.0
+
+
+def test_the_unclamped_shortcut_equals_the_clamped_path():
+    # kl_sparsity skips the clamp and its mask when rho_hat lies inside [eps, 1 - eps]; on such
+    # values both paths of the Function must agree bit for bit.
+    from fastae.functional.kl import KLSparsityFunction
+
+    values = torch.tensor([0.01, 0.05, 0.3, 0.999], dtype=torch.float32)
+    results = []
+    for clamped in (True, False):
+        rho_hat = values.clone().requires_grad_(True)
+        value = KLSparsityFunction.apply(rho_hat, 0.05, 1e-6, clamped)
+        value.backward()
+        results.append((value.detach(), rho_hat.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

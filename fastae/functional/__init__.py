@@ -151,7 +151,7 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
 
     Returns:
         A scalar tensor of the dtype of rho_hat. Its gradient is computed in closed form
-        (fastae.functional.kl); double backward through it is refused.
+        (fastae.functional.kl).
     """
     rho = check_rho(rho)
     check_tensor("rho_hat", rho_hat)
@@ -159,13 +159,14 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
         raise ValueError(f"eps: got {eps!r}, expected a number in (0, 0.5)")
     # NOTE: one device sync per call; a wrong activation otherwise gives NaN or a silently wrong
     # penalty, and the check costs one (H,) reduction.
-    low, high = torch.aminmax(rho_hat.detach())
-    if not (0.0 <= low.item() and high.item() <= 1.0):  # NaN fails both comparisons
+    low, high = (bound.item() for bound in torch.aminmax(rho_hat.detach()))
+    if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
         raise ValueError(
-            f"rho_hat: got values in [{low.item():.6g}, {high.item():.6g}], expected values in "
+            f"rho_hat: got values in [{low:.6g}, {high:.6g}], expected values in "
             "[0, 1]: the KL penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
         )
-    return KLSparsityFunction.apply(rho_hat, rho, float(eps))
+    eps = float(eps)
+    return KLSparsityFunction.apply(rho_hat, rho, eps, not (eps <= low and high <= 1.0 - eps))
 
 
 def contractive_penalty(

@@ -22,36 +22,45 @@ from torch import Tensor
 
 
 class KLSparsityFunction(torch.autograd.Function):
-    """K = KLSparsityFunction.apply(rho_hat, rho, eps); rho and eps are Python floats."""
+    """K = KLSparsityFunction.apply(rho_hat, rho, eps, clamped).
+
+    rho and eps are Python floats; clamped is False when the caller knows every rho_hat_j lies in
+    [eps, 1 - eps] already (kl_sparsity reads the range for its check), which skips the clamp
+    and its mask.
+    """
 
     @staticmethod
-    def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
-        # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r).
-        r = rho_hat.clamp(eps, 1.0 - eps)
-        ratio = torch.div(_targets(rho, r.dtype, r.device), torch.stack((r, torch.rsub(r, 1.0))))
+    def forward(ctx, rho_hat: Tensor, rho: float, eps: float, clamped: bool = True) -> Tensor:
+        targets, offset, sign = _constants(rho, rho_hat.dtype, rho_hat.device)
+        r = rho_hat.clamp(eps, 1.0 - eps) if clamped else rho_hat
+        # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
+        # latter made in one operation as offset + r * sign.
+        ratio = torch.div(targets, torch.addcmul(offset, r, sign))
         if ctx.needs_input_grad[0]:
             # -rho / r + (1 - rho) / (1 - r): exactly 0 at r = rho, where both ratios are 1.
-            slope = ratio.diff(dim=0).squeeze(0)
-            # The clamp passes no gradient where it changed the value; where rho_hat sits exactly
-            # on a bound r equals rho_hat and the gradient passes, as torch.clamp's does.
-            slope.masked_fill_(r != rho_hat, 0.0)
+            slope = ratio.diff(dim=0).view(-1)
+            if clamped:
+                # The clamp passes no gradient where it changed the value; where rho_hat sits
+                # exactly on a bound r equals rho_hat and the gradient passes, as torch.clamp's.
+                slope.masked_fill_(r != rho_hat, 0.0)
             ctx.save_for_backward(slope, rho_hat)
             ctx.rho, ctx.eps = rho, eps
-        return ratio.log_().mul_(_targets(rho, r.dtype, r.device)).sum()
+        return ratio.log_().mul_(targets).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         slope, rho_hat = ctx.saved_tensors
         if torch.is_grad_enabled():
             slope = _slope(rho_hat, ctx.rho, ctx.eps)
-        return slope * grad, None, None
+        return slope * grad, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
-def _targets(rho: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (2, 1) column (rho, 1 - rho), made once per target, dtype and device (on a GPU each
-    new one is a host-to-device copy). Read only."""
-    return torch.tensor([[rho], [1.0 - rho]], dtype=dtype, device=device)
+def _constants(rho: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """The (2, 1) columns (rho, 1 - rho), (0, 1) and (1, -1), made once per target, dtype and
+    device (on a GPU each new tensor is a host-to-device copy). Read only."""
+    columns = ([[rho], [1.0 - rho]], [[0.0], [1.0]], [[1.0], [-1.0]])
+    return tuple(torch.tensor(c, dtype=dtype, device=device) for c in columns)
 
 
 def _slope(rho_hat: Tensor, rho: float, eps: float) -> Tensor:
