@@ -126,16 +126,16 @@ def test_double_backward_equals_autograd_of_the_formula():
 
 
 def test_the_unclamped_shortcut_equals_the_clamped_path():
-    # kl_sparsity skips the clamp and its mask when rho_hat lies inside [eps, 1 - eps]; on such
-    # values both paths of the Function must agree bit for bit.
-    from fastae.functional.kl import KLSparsityFunction
-
-    values = torch.tensor([0.01, 0.05, 0.3, 0.999], dtype=torch.float32)
+    # Inside [eps, 1 - eps] the clamp and its mask are skipped; one value just outside sends
+    # the whole vector through the clamped path. The values inside must not notice.
+    inside = [0.01, 0.05, 0.3, 0.999]
     results = []
-    for clamped in (True, False):
-        rho_hat = values.clone().requires_grad_(True)
-        value = KLSparsityFunction.apply(rho_hat, 0.05, 1e-6, clamped)
+    for values in (inside, inside + [1.0]):
+        rho_hat = torch.tensor(values, dtype=torch.float32, requires_grad=True)
+        value = fastae.kl_sparsity(rho_hat, 0.05)
         value.backward()
-        results.append((value.detach(), rho_hat.grad))
-    assert torch.equal(results[0][0], results[1][0])
+        results.append((value.item(), rho_hat.grad[:4]))
+    r = torch.tensor(1 - 1e-6, dtype=torch.float32)
+    saturated = (0.05 * torch.log(0.05 / r) + 0.95 * torch.log(0.95 / (1 - r))).item()
+    assert results[1][0] == pytest.approx(results[0][0] + saturated, rel=1e-6)
     assert torch.equal(results[0][1], results[1][1])

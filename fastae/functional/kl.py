@@ -22,20 +22,26 @@ from torch import Tensor
 
 
 class KLSparsityFunction(torch.autograd.Function):
-    """K = KLSparsityFunction.apply(rho_hat, rho, eps, clamped).
+    """K = KLSparsityFunction.apply(rho_hat, rho, eps); rho and eps are Python floats.
 
-    rho and eps are Python floats; clamped is False when the caller knows every rho_hat_j lies in
-    [eps, 1 - eps] already (kl_sparsity reads the range for its check), which skips the clamp
-    and its mask.
+    The forward also checks the range of rho_hat (one device sync): values outside [0, 1], or
+    NaN, raise a ValueError. When every value lies in [eps, 1 - eps], as it does for all but
+    saturated units, the clamp and its gradient mask are skipped.
     """
 
     @staticmethod
-    def forward(ctx, rho_hat: Tensor, rho: float, eps: float, clamped: bool = True) -> Tensor:
+    def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
         targets, offset, sign = _constants(rho, rho_hat.dtype, rho_hat.device)
-        r = rho_hat.clamp(eps, 1.0 - eps) if clamped else rho_hat
         # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
         # latter made in one operation as offset + r * sign.
-        ratio = torch.div(targets, torch.addcmul(offset, r, sign))
+        rows = torch.addcmul(offset, rho_hat, sign)
+        # min(rho_hat, 1 - rho_hat) >= eps says no clamp is needed; NaN fails the comparison.
+        clamped = not rows.min().item() >= eps
+        if clamped:
+            _check_range(rho_hat)
+            r = rho_hat.clamp(eps, 1.0 - eps)
+            rows = torch.addcmul(offset, r, sign)
+        ratio = torch.div(targets, rows)
         if ctx.needs_input_grad[0]:
             # -rho / r + (1 - rho) / (1 - r): exactly 0 at r = rho, where both ratios are 1.
             slope = ratio.diff(dim=0).view(-1)
@@ -52,7 +58,16 @@ class KLSparsityFunction(torch.autograd.Function):
         slope, rho_hat = ctx.saved_tensors
         if torch.is_grad_enabled():
             slope = _slope(rho_hat, ctx.rho, ctx.eps)
-        return slope * grad, None, None, None
+        return slope * grad, None, None
+
+
+def _check_range(rho_hat: Tensor) -> None:
+    low, high = (bound.item() for bound in torch.aminmax(rho_hat.detach()))
+    if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+        raise ValueError(
+            f"rho_hat: got values in [{low:.6g}, {high:.6g}], expected values in [0, 1]: the KL "
+            "penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -128,12 +128,12 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
     fp = _d1(act, h)  # a fresh tensor of ours: it becomes delta in place
 
     g_r = None if g_rho_hat is None else _as(g_rho_hat, acc)
-    g_a = None if g_l1 is None else _as(g_l1, acc)
+    g_a = None if g_l1 is None else _scalar(g_l1, acc)
     sign_term = None
     if g_a is not None and act.low < 0:
         sign_term = torch.sign(h).mul_(g_a * scale)
         g_a = None
-    # column = (g_r + g_A) scale, an (H,) or one-element tensor, or None.
+    # column = (g_r + g_A) scale: an (H,) tensor, a scalar, or None.
     if g_r is not None:
         column = torch.add(g_r, g_a).mul_(scale) if g_a is not None else g_r * scale
     else:
@@ -144,7 +144,7 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
     # bracket: a (B, H) tensor, owned (ours to update in place) or not (g_h), or None.
     bracket, owned = None, False
     if g_contractive is not None and act.name not in _ZERO_D2:
-        cn = n * (_as(g_contractive, acc) * (2 * scale))
+        cn = n * (_scalar(g_contractive, acc) * (2 * scale))
         bracket, owned = _d2(act, h, fp), True
         if g_h is not None:
             torch.addcmul(g_h, bracket, cn, out=bracket)
@@ -170,6 +170,12 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype, without an operator call when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scalar(t: Tensor, dtype: torch.dtype) -> float | Tensor:
+    """A one-element upstream gradient as a Python number on the CPU, where reading it costs
+    less than the tensor operations it saves; elsewhere a tensor in dtype (no device sync)."""
+    return t.item() if t.device.type == "cpu" else _as(t, dtype)
 
 
 class TorchEncodeFunction(torch.autograd.Function):
@@ -236,7 +242,7 @@ class TorchEncodeFunction(torch.autograd.Function):
                 # delta^T x into it in place (beta = 1): one (H, D) pass and no copy. The other
                 # orders cost a pass more: addcmul_ on the matmul's output reads that output
                 # again, and addmm(W * coef, ...) copies W * coef into a fresh output first.
-                coef = s * (_as(g_contractive, acc) * (2 * ctx.s_scale))
+                coef = s * (_scalar(g_contractive, acc) * (2 * ctx.s_scale))
                 grad_w = torch.mul(weight, _as(coef, weight.dtype).unsqueeze(1))
                 grad_w.addmm_(delta.t(), x)
             else:
