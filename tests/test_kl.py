@@ -139,3 +139,17 @@ def test_the_unclamped_shortcut_equals_the_clamped_path():
     saturated = (0.05 * torch.log(0.05 / r) + 0.95 * torch.log(0.95 / (1 - r))).item()
     assert results[1][0] == pytest.approx(results[0][0] + saturated, rel=1e-6)
     assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("shape", [(), (2, 3)])
+def test_any_shape_of_rho_hat(shape):
+    values = torch.tensor([0.2, 0.01, 0.7, 0.5, 1e-9, 0.33], dtype=f64)[: max(1, math.prod(shape))]
+    rho_hat = values.reshape(shape).clone().requires_grad_(True)
+    want_rho_hat = rho_hat.detach().clone().requires_grad_(True)
+    value = fastae.kl_sparsity(rho_hat, 0.1)
+    want = formula(want_rho_hat, 0.1, 1e-6)
+    assert value.item() == pytest.approx(want.item(), rel=1e-14)
+    value.backward()
+    want.backward()
+    assert rho_hat.grad.shape == rho_hat.shape
+    torch.testing.assert_close(rho_hat.grad, want_rho_hat.grad, rtol=1e-12, atol=1e-15)

@@ -32,23 +32,24 @@ class KLSparsityFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
         targets, offset, sign = _constants(rho, rho_hat.dtype, rho_hat.device)
+        flat = rho_hat.reshape(-1)  # any shape; (H,) in practice
         # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
         # latter made in one operation as offset + r * sign.
-        rows = torch.addcmul(offset, rho_hat, sign)
+        rows = torch.addcmul(offset, flat, sign)
         # min(rho_hat, 1 - rho_hat) >= eps says no clamp is needed; NaN fails the comparison.
         clamped = not rows.min().item() >= eps
         if clamped:
-            _check_range(rho_hat)
-            r = rho_hat.clamp(eps, 1.0 - eps)
+            _check_range(flat)
+            r = flat.clamp(eps, 1.0 - eps)
             rows = torch.addcmul(offset, r, sign)
         ratio = torch.div(targets, rows)
         if ctx.needs_input_grad[0]:
             # -rho / r + (1 - rho) / (1 - r): exactly 0 at r = rho, where both ratios are 1.
-            slope = ratio.diff(dim=0).view(-1)
+            slope = ratio.diff(dim=0).view(rho_hat.shape)
             if clamped:
                 # The clamp passes no gradient where it changed the value; where rho_hat sits
                 # exactly on a bound r equals rho_hat and the gradient passes, as torch.clamp's.
-                slope.masked_fill_(r != rho_hat, 0.0)
+                slope.masked_fill_((r != flat).view(rho_hat.shape), 0.0)
             ctx.save_for_backward(slope, rho_hat)
             ctx.rho, ctx.eps = rho, eps
         return ratio.log_().mul_(targets).sum()

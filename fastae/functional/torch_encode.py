@@ -11,8 +11,10 @@ Backward (DESIGN section 3), with upstream gradients g_h, g_C, g_r, g_A:
     delta = f' * (g_h + g_r / B + g_A sign(h) / B) + (2 g_C / B) f' f'' n
     dL/dx = delta W,   dL/dW = delta^T x + (2 g_C / B) (sum_b f'^2) W_j,   dL/db = sum_b delta
 
-Only x, W (inputs, not copies), h and the (H,) vector n are saved; delta and f' are recomputed
-from h. The matmul for dL/dx is skipped when x needs no gradient. Statistics accumulate in fp32
+Only x, W (inputs, not copies), h and two (H,) vectors are saved: n, and s = (1/B) sum_b f'^2,
+which the forward computes anyway for the contractive statistic and which is the coefficient of
+W_j in dL/dW. delta and f' are recomputed from h. The matmul for dL/dx is skipped when x needs
+no gradient. Statistics accumulate in fp32
 (fp64 for fp64 inputs) whatever the input dtype. This path serves every machine without a GPU
 and is the yardstick for the Triton kernels.
 
@@ -21,12 +23,15 @@ backward draws the same x~ again from the generator seeded with the same key, so
 tensors are the same as without corruption. dL/dW uses delta^T x~ and dL/dx = (delta W) dx~/dx.
 
 Speed: besides the two matmuls that any encoder pays (x W^T forward, delta^T x backward), the
-cost is the number of passes over (B, H) and (H, D) tensors, and on a CPU each PyTorch op is one
-such pass plus a fork-join of the thread pool. The code below therefore uses fused ops (addcmul,
-vector_norm) and in-place updates, never materialises a (B, H) tensor it can fold into an (H,)
-vector, and has a path for sigmoid, the activation of the classic contractive and sparse
-autoencoders, whose f' and f'' are each one fused op of h. `fastae bench` measures the result
-against eager autograd, torch.compile and the bare matmuls (README, "Benchmarks").
+cost is the number of operator calls and of passes over (B, H) and (H, D) tensors. On a CPU each
+PyTorch op costs a dispatch (several microseconds when the matmuls have just evicted the caches)
+plus a pass, and each fresh buffer may cost page faults. The code below therefore uses fused ops
+(addcmul, addmm_) and in-place updates, allocates two (B, H) temporaries in the backward and one
+in the forward, never materialises a (B, H) tensor it can fold into an (H,) vector, reads
+one-element gradients as numbers on the CPU, and has a path for sigmoid, the activation of the
+classic contractive and sparse autoencoders, whose f' and f'' are each one fused op of h.
+`fastae bench` measures the result against eager autograd, torch.compile and the bare matmuls
+(README, "Benchmarks").
 """
 
 from __future__ import annotations
