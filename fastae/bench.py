@@ -18,11 +18,12 @@ and are timed for the forward alone and for forward + backward (x needs no gradi
                   delta^T x with delta given (forward + backward)
 
 Timing: warm-ups first, then rounds in which every candidate runs once in turn (interleaved, so
-that drift of the machine's clock or load hits all alike); the median over rounds is reported with
-its quartiles, min and max. On CUDA each call is timed with CUDA events. Also measured: the bytes
-each candidate saves for backward (torch.autograd.graph.saved_tensors_hooks, leaving out x, W, b
-and G themselves), as a multiple of the bytes of h, and on CUDA the peak memory of one
-forward + backward beyond the inputs.
+that drift of the machine's clock or load hits all alike), in an order shuffled anew each round
+from a fixed seed (so that no candidate always inherits the caches and heap another one leaves
+behind); the median over rounds is reported with its quartiles, min and max. On CUDA each call
+is timed with CUDA events. Also measured: the bytes each candidate saves for backward
+(torch.autograd.graph.saved_tensors_hooks, leaving out x, W, b and G themselves), as a multiple
+of the bytes of h, and on CUDA the peak memory of one forward + backward beyond the inputs.
 
     python -m fastae.bench                      # CPU shapes, fp32, results in benchmarks/results
     python -m fastae.bench --device cuda --dtype fp32,bf16 --out DIR
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -324,11 +326,8 @@ def bench_case(
                 progress(f"{name} failed: {result.error}")
 
     timer = _timer(device)
-    order = list(fns)
-    for round_ in range(repeats):
-        # Each round starts one candidate later, so that none always runs first or last.
-        shift = round_ % max(1, len(order))
-        for name in order[shift:] + order[:shift]:
+    for round_, order in enumerate(round_orders(list(fns), repeats)):
+        for name in order:
             forward, forward_backward = fns[name]
             if name == "jacobian" and round_ % max(1, repeats // JACOBIAN_RUNS):
                 continue
@@ -339,6 +338,15 @@ def bench_case(
     weight, bias = case.weight, case.bias
     weight.grad = bias.grad = None
     return results
+
+
+def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of the candidates in each round: a permutation drawn anew each round from a
+    fixed seed. A fixed or rotating order would have each candidate run after the same
+    predecessor nearly every round, and inherit the caches, heap and page state that one leaves
+    behind."""
+    rng = random.Random(seed)
+    return [rng.sample(names, len(names)) for _ in range(rounds)]
 
 
 def summarize(times: list[float]) -> dict[str, float] | None:

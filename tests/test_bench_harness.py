@@ -190,3 +190,15 @@ def test_targets_on_cuda_and_missing_candidates():
     assert targets[0]["value"] == pytest.approx(1.1) and targets[0]["met"] is True
     # No Triton result at the small shape: reported as not measured, not as met.
     assert targets[1]["value"] is None and targets[1]["met"] is None
+
+
+def test_round_orders_are_seeded_permutations_with_every_predecessor():
+    names = ["jacobian", "eager", "compile", "fastae-torch", "floor"]
+    orders = bench.round_orders(names, 200)
+    assert orders == bench.round_orders(names, 200)  # the same seed gives the same rounds
+    assert all(sorted(order) == sorted(names) for order in orders)
+    # Within rounds every candidate follows every other one, not one fixed predecessor.
+    pairs = {(a, b) for order in orders for a, b in zip(order[:-1], order[1:], strict=True)}
+    assert len(pairs) == len(names) * (len(names) - 1)
+    firsts = {order[0] for order in orders}
+    assert firsts == set(names)
