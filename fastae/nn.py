@@ -84,5 +84,13 @@ class FusedEncoder(torch.nn.Linear):
         self.last_stats = stats
         return h
 
+    def __getstate__(self) -> dict:
+        # last_stats belongs to the last forward's autograd graph: a copy or a pickle of the
+        # layer starts without it, as a fresh layer does (copy.deepcopy refuses non-leaf
+        # tensors, so keeping it would break deepcopy, AveragedModel and the like).
+        state = self.__dict__.copy()
+        state["last_stats"] = None
+        return state
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

@@ -9,6 +9,8 @@ import torch
 import fastae
 from fastae import reference
 from fastae.metrics import jacobian_norm
+from fastae.corruption import Corruption
+from fastae.models import VARIANTS
 from fastae.models import Autoencoder
 from fastae.train import CheckpointError
 from fastae.train import TrainConfig
@@ -232,3 +234,25 @@ def test_metrics_csv_has_one_column_order_for_fresh_and_resumed_runs(tmp_path):
     for run in (fresh, resumed):
         lines = (run / "metrics.csv").read_text().splitlines()
         assert lines[0] == expected and len(lines) == 4, run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deepcopy_and_averaged_model_after_training_steps(variant):
+    # "Keep a copy of the best model" and torch.optim.swa_utils.AveragedModel deep-copy the model.
+    import copy
+
+    kwargs = {
+        "contractive": {"lam": 0.1},
+        "sparse-l1": {"gamma": 0.1},
+        "sparse-kl": {"beta": 0.1, "rho": 0.1},
+        "denoising": {"noise": Corruption("masking", 0.2)},
+    }.get(variant, {})
+    model = Autoencoder(6, (4,), variant=variant, **kwargs)
+    x = torch.rand(8, 6)
+    model.loss(x).total.backward()
+    best = copy.deepcopy(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.update_parameters(model)
+    model.eval()
+    best.eval()
+    torch.testing.assert_close(best.decode(best.encode(x)), model.decode(model.encode(x)))

@@ -67,3 +67,18 @@ def test_bad_width_is_an_error(bad):
 def test_unknown_activation_is_an_error():
     with pytest.raises(ValueError, match="activation: got 'gelu'"):
         FusedEncoder(3, 2, "gelu")
+
+
+def test_deepcopy_after_a_forward_with_gradients():
+    # last_stats hangs on the forward's autograd graph; a copy starts without it, as a fresh
+    # layer does, and computes the same thing.
+    import copy
+
+    layer = FusedEncoder(6, 4, backend="torch").double()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    h = layer(x)
+    clone = copy.deepcopy(layer)
+    assert clone.last_stats is None and layer.last_stats is not None
+    assert clone.weight is not layer.weight and torch.equal(clone.weight, layer.weight)
+    assert torch.equal(clone(x), h)
+    torch.testing.assert_close(clone.last_stats.contractive, layer.last_stats.contractive)
