@@ -118,5 +118,24 @@ def test_double_backward_is_refused_clearly():
     _, stats = fastae.encode(x, weight, bias, backend="torch")
     upstream = torch.ones((), dtype=torch.float64, requires_grad=True)
     (grad_x,) = torch.autograd.grad(stats.contractive, x, upstream, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice.*once_differentiable"):
+    with pytest.raises(RuntimeError, match="first order only.*double backward"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_with_a_plain_upstream_gradient_is_refused(backend):
+    # torch.autograd.grad(C, x, create_graph=True) with the default upstream gradient: the
+    # gradient must carry the refusal too, not come back without a graph (which made the
+    # second derivative silently miss every term through it).
+    x, weight, bias = encoder_case(4, 5, 3)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    _, stats = fastae.encode(x, weight, bias, backend=backend)
+    (grad_x,) = torch.autograd.grad(stats.contractive, x, create_graph=True)
+    assert grad_x.requires_grad
+    with pytest.raises(RuntimeError, match="first order only.*double backward"):
+        torch.autograd.grad(grad_x.square().sum() + weight.square().sum(), weight)
+    # Without create_graph nothing changes.
+    _, stats = fastae.encode(x, weight, bias, backend=backend)
+    (plain,) = torch.autograd.grad(stats.contractive, x)
+    assert not plain.requires_grad

@@ -8,8 +8,8 @@ import torch
 
 import fastae
 from fastae import reference
-from fastae.metrics import jacobian_norm
 from fastae.corruption import Corruption
+from fastae.metrics import jacobian_norm
 from fastae.models import VARIANTS
 from fastae.models import Autoencoder
 from fastae.train import CheckpointError

@@ -39,12 +39,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastae.activations import Activation
 from fastae.functional.checks import stats_dtype
 from fastae.functional.distributed import finish_stats
 from fastae.functional.distributed import is_distributed
+from fastae.functional.first_order import first_order_only
 from fastae.functional.noise import draw
 from fastae.functional.noise import rank_of
 
@@ -216,7 +216,7 @@ class TorchEncodeFunction(torch.autograd.Function):
         return h, contractive, rho_hat, l1
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
         x, weight, h, n, s = ctx.saved_tensors
         act = ctx.act

@@ -24,9 +24,9 @@ dx~/dx. Nothing more is saved than without corruption.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastae.functional.distributed import finish_stats
+from fastae.functional.first_order import first_order_only
 from fastae.functional.noise import rank_of
 from fastae.kernels.encoder_backward import encoder_backward
 from fastae.kernels.encoder_forward import encoder_forward
@@ -70,7 +70,7 @@ class TritonEncodeFunction(torch.autograd.Function):
         return h, contractive, rho_hat, l1
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_h, g_contractive, g_rho_hat, g_l1):
         x, weight, h, n = ctx.saved_tensors
         scale = ctx.scale
