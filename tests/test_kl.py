@@ -153,3 +153,44 @@ def test_any_shape_of_rho_hat(shape):
     want.backward()
     assert rho_hat.grad.shape == rho_hat.shape
     torch.testing.assert_close(rho_hat.grad, want_rho_hat.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_saturated_units_stay_finite(dtype):
+    # 1 - 1e-6 rounds to 1 in fp16 and bf16: the penalty is computed in fp32 instead.
+    rho_hat = torch.tensor([0.3, 1.0, 0.0], dtype=dtype, requires_grad=True)
+    value = fastae.kl_sparsity(rho_hat, 0.05)
+    value.backward()
+    assert value.dtype == dtype and rho_hat.grad.dtype == dtype
+    assert torch.isfinite(value) and torch.isfinite(rho_hat.grad).all()
+    assert rho_hat.grad[1].item() == 0.0 and rho_hat.grad[2].item() == 0.0
+    want = fastae.kl_sparsity(rho_hat.detach().float(), 0.05)
+    assert value.item() == pytest.approx(want.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"eps": "x"}, r"eps: got 'x', expected a number in \(0, 0.5\)"),
+        ({"eps": None}, r"eps: got None, expected a number in \(0, 0.5\)"),
+        ({"eps": 1e-9}, r"eps: got 1e-09, expected a margin that keeps 1 - eps below 1 in "),
+        ({"rho": torch.tensor([0.1, 0.2])}, r"rho: got a tensor that has shape \(2,\), expected"),
+        ({"rho": torch.tensor(0.1, requires_grad=True)}, r"rho: got a tensor that requires grad"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, message):
+    args = {"rho": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        fastae.kl_sparsity(torch.tensor([0.2, 0.5], dtype=torch.float32), **args)
+
+
+def test_a_value_just_outside_the_range_is_printed_in_full():
+    with pytest.raises(ValueError, match=r"got values in \[0.1, 1.000000001\]"):
+        fastae.kl_sparsity(torch.tensor([0.1, 1 + 1e-9], dtype=f64), 0.05)
+
+
+def test_empty_rho_hat_gives_zero():
+    rho_hat = torch.zeros(0, dtype=f64, requires_grad=True)
+    value = fastae.kl_sparsity(rho_hat, 0.05)
+    value.backward()
+    assert value.item() == 0.0 and rho_hat.grad.shape == (0,)

@@ -142,21 +142,24 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
 
     rho_hat must be the mean activation of units whose codes lie in [0, 1] (sigmoid codes).
     Each r_j is clamped into [eps, 1 - eps] so that a unit saturated at exactly 0 or 1 (common in
-    float32) gives a finite penalty; such a unit gets no gradient through the clamp.
+    float32) gives a finite penalty; such a unit gets no gradient through the clamp. fp16 and
+    bf16 values are computed in fp32 (in them 1 - 1e-6 rounds to 1).
 
     Args:
-        rho_hat: (H,) mean activations, e.g. EncodeStats.rho_hat.
-        rho: the target mean activation, strictly inside (0, 1).
-        eps: the clamp margin, in (0, 0.5).
+        rho_hat: (H,) mean activations, e.g. EncodeStats.rho_hat (any shape is summed over).
+        rho: the target mean activation, a number strictly inside (0, 1).
+        eps: the clamp margin, in (0, 0.5), with 1 - eps below 1 in the computing dtype.
 
     Returns:
-        A scalar tensor of the dtype of rho_hat. Its gradient is computed in closed form
-        (fastae.functional.kl).
+        A scalar tensor of the dtype of rho_hat (0 for an empty one). Its gradient is computed
+        in closed form (fastae.functional.kl).
     """
     rho = check_rho(rho)
     check_tensor("rho_hat", rho_hat)
-    if not 0.0 < eps < 0.5:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 0.5:
         raise ValueError(f"eps: got {eps!r}, expected a number in (0, 0.5)")
+    if rho_hat.numel() == 0:
+        return rho_hat.sum()
     # The range of rho_hat is checked in the forward (one device sync per call): a wrong
     # activation otherwise gives NaN or a silently wrong penalty.
     return KLSparsityFunction.apply(rho_hat, rho, float(eps))

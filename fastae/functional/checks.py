@@ -55,8 +55,14 @@ def check_encode_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 
 def check_rho(rho: object) -> float:
-    """The KL target rho must be a number strictly inside (0, 1)."""
+    """The KL target rho must be a number strictly inside (0, 1) (a one-element tensor that needs
+    no gradient is read as its number: the target is a constant)."""
     if isinstance(rho, Tensor):
+        if rho.numel() != 1 or rho.requires_grad:
+            what = "requires grad" if rho.requires_grad else f"has shape {tuple(rho.shape)}"
+            raise ValueError(
+                f"rho: got a tensor that {what}, expected a number strictly between 0 and 1"
+            )
         rho = rho.item()
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < float(rho) < 1.0:
         raise ValueError(f"rho: got {rho!r}, expected a number strictly between 0 and 1")

@@ -31,8 +31,10 @@ class KLSparsityFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
-        targets, offset, sign = _constants(rho, rho_hat.dtype, rho_hat.device)
-        flat = rho_hat.reshape(-1)  # any shape; (H,) in practice
+        dtype = _computing_dtype(rho_hat.dtype)
+        _check_eps(eps, dtype)
+        targets, offset, sign = _constants(rho, dtype, rho_hat.device)
+        flat = _as(rho_hat.reshape(-1), dtype)  # any shape, (H,) in practice
         # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
         # latter made in one operation as offset + r * sign.
         rows = torch.addcmul(offset, flat, sign)
@@ -52,21 +54,41 @@ class KLSparsityFunction(torch.autograd.Function):
                 slope.masked_fill_((r != flat).view(rho_hat.shape), 0.0)
             ctx.save_for_backward(slope, rho_hat)
             ctx.rho, ctx.eps = rho, eps
-        return ratio.log_().mul_(targets).sum()
+        return _as(ratio.log_().mul_(targets).sum(), rho_hat.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         slope, rho_hat = ctx.saved_tensors
         if torch.is_grad_enabled():
             slope = _slope(rho_hat, ctx.rho, ctx.eps)
-        return slope * grad, None, None
+        return _as(slope * grad, rho_hat.dtype), None, None
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _computing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 and bf16 are computed in fp32: in them 1 - eps rounds to 1 for the default eps."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _check_eps(eps: float, dtype: torch.dtype) -> None:
+    if not torch.tensor(1.0 - eps, dtype=dtype).item() < 1.0:
+        raise ValueError(
+            f"eps: got {eps!r}, expected a margin that keeps 1 - eps below 1 in {dtype} "
+            f"(at least {torch.finfo(dtype).eps / 2:.3g})"
+        )
 
 
 def _check_range(rho_hat: Tensor) -> None:
     low, high = (bound.item() for bound in torch.aminmax(rho_hat.detach()))
     if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+        # The shortest repr, not a rounded format: 1 + 1e-9 must not print as 1.
+        low, high = (repr(bound).removesuffix(".0") for bound in (low, high))
         raise ValueError(
-            f"rho_hat: got values in [{low:.6g}, {high:.6g}], expected values in [0, 1]: the KL "
+            f"rho_hat: got values in [{low}, {high}], expected values in [0, 1]: the KL "
             "penalty needs codes in [0, 1] (sigmoid), not an unbounded activation"
         )
 
@@ -81,5 +103,6 @@ def _constants(rho: float, dtype: torch.dtype, device: torch.device) -> tuple[Te
 
 def _slope(rho_hat: Tensor, rho: float, eps: float) -> Tensor:
     """dK/d rho_hat with autograd ops (the create_graph path of the backward)."""
+    rho_hat = _as(rho_hat, _computing_dtype(rho_hat.dtype))
     r = rho_hat.clamp(eps, 1.0 - eps)
     return (-rho / r + (1.0 - rho) / (1.0 - r)).masked_fill(r != rho_hat, 0.0)
