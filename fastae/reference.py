@@ -98,4 +98,6 @@ def contractive_penalty(
         a = inputs @ weight.t()
         return act.forward(a + bias if bias is not None else a)
 
-    return jacobian_penalty(layer, x.reshape(-1, x.shape[-1]), reduction)
+    penalty = jacobian_penalty(layer, x.reshape(-1, x.shape[-1]), reduction)
+    # Per-sample values in the shape of x without its last dimension, as the fast path gives.
+    return penalty.reshape(x.shape[:-1]) if reduction == "none" else penalty

@@ -131,3 +131,7 @@ def test_per_sample_penalty_keeps_the_leading_dimensions():
     flat = fastae.contractive_penalty(x, weight, bias, reduction="none")
     assert per_sample.shape == (2, 3)
     torch.testing.assert_close(per_sample.reshape(6), flat, rtol=0, atol=0)
+    # The reference keeps them too, and agrees value for value.
+    want = reference.contractive_penalty(x.reshape(2, 3, 5), weight, bias, reduction="none")
+    assert want.shape == (2, 3)
+    torch.testing.assert_close(per_sample, want, rtol=1e-10, atol=1e-12)
