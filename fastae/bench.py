@@ -106,6 +106,7 @@ class Result:
     saved_note: str = ""
     peak_bytes: int | None = None
     max_abs_error: float | None = None
+    loss_matches: bool | None = None
 
 
 def make_case(shape: tuple[int, int, int], dtype: torch.dtype, device: str, seed: int = 0) -> Case:
@@ -280,6 +281,13 @@ def _timer(device: str):
     return run_cpu
 
 
+def loss_tolerance(dtype: torch.dtype, reference: Tensor) -> float:
+    """How far a candidate's loss may be from eager's: rounding of sums over B x H terms,
+    relative to the loss (at least 1): 1e-4 in fp32 and fp64, 5e-2 in bf16 and fp16."""
+    relative = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    return relative * max(1.0, abs(reference.float().item()))
+
+
 def _check(forward: Callable[[], Tensor], reference: Tensor) -> float:
     with torch.no_grad():
         return abs(forward().float().item() - reference.float().item())
@@ -311,6 +319,13 @@ def bench_case(
                 forward_backward()
             if name != "floor":
                 result.max_abs_error = _check(forward, reference)
+                tolerance = loss_tolerance(dtype, reference)
+                result.loss_matches = result.max_abs_error <= tolerance
+                if not result.loss_matches and progress:
+                    progress(
+                        f"{name}: loss differs from eager's by {result.max_abs_error:.3g} "
+                        f"(tolerance {tolerance:.3g}); timed anyway, flagged in the JSON"
+                    )
                 try:
                     result.saved_bytes = saved_bytes(forward, case)
                 except RuntimeError as err:
@@ -464,6 +479,7 @@ def case_record(shape, dtype_name, results: dict[str, Result]) -> dict[str, obje
                 entry["peak_bytes"] = result.peak_bytes
             if result.max_abs_error is not None:
                 entry["loss_abs_error_vs_eager"] = result.max_abs_error
+                entry["loss_matches_eager"] = result.loss_matches
         record["candidates"][name] = entry
     return record
 
@@ -714,8 +730,15 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write("--device: got cuda, but torch sees no CUDA device\n")
-        return 2
+        parser.error("--device: got cuda, expected cpu or auto: torch sees no CUDA device")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        # Checked before any timing, so that a bad --out costs nothing.
+        reason = err.strerror or str(err)
+        parser.error(f"--out: got {args.out}, expected a folder it can write to ({reason})")
     if args.candidates is not None:
         runnable = device_candidates(device)
         skipped = [n for n in args.candidates if n not in runnable]
@@ -758,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()
         results = bench_case(
             shape, DTYPES[dtype_name], device, names, repeats, args.warmup, args.compile_mode,
-            progress=bar.write,
+            progress=lambda message: bar.write(message, file=sys.stderr),
         )  # fmt: skip
         records.append(case_record(shape, dtype_name, results))
         if device == "cuda":

@@ -463,7 +463,7 @@ def _claim_out(out: str, chosen: bool) -> str:
     while True:
         try:
             os.makedirs(out, exist_ok=chosen)
-            marker = os.open(os.path.join(out, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            marker = os.open(os.path.join(out, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             try:
                 os.write(marker, f"{os.getpid()}\n".encode())
             finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastae import bench
 
@@ -65,6 +66,7 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
         assert entry["forward_backward"]["runs"] >= 3
         # Every candidate computes the same loss as eager.
         assert entry["loss_abs_error_vs_eager"] < 1e-4
+        assert entry["loss_matches_eager"] is True
     assert candidates["floor"]["forward_backward"]["vs_floor"] == pytest.approx(1.0)
     assert candidates["fastae-torch"]["forward_backward"]["vs_fastae"] == pytest.approx(1.0)
     # torch.func refuses saved_tensors_hooks: the Jacobian's bytes are marked, not invented.
@@ -202,3 +204,50 @@ def test_round_orders_are_seeded_permutations_with_every_predecessor():
     assert len(pairs) == len(names) * (len(names) - 1)
     firsts = {order[0] for order in orders}
     assert firsts == set(names)
+
+
+@pytest.mark.parametrize("out", ["/proc/fastae-bench", "FILE"])
+def test_an_unusable_out_folder_is_refused_before_any_timing(out, tmp_path, capsys):
+    if out == "FILE":
+        out = tmp_path / "a-file"
+        out.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--shapes", "8x4x4", "--repeats", "1", "--out", str(out)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("fastae bench: error:")]
+    assert line.startswith(f"fastae bench: error: --out: got {out}, expected a folder it can")
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_is_refused_like_other_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert (
+        "fastae bench: error: --device: got cuda, expected cpu or auto: torch sees no CUDA device"
+    ) in capsys.readouterr().err
+
+
+def test_a_loss_that_disagrees_with_eager_is_flagged(tmp_path, monkeypatch, capsys):
+    # A wrong candidate is still timed, but the run says so and the JSON flags it.
+    real_loss = bench.fastae_loss
+
+    def wrong(backend):
+        loss = real_loss(backend)
+        return lambda *args: loss(*args) * 1.01
+
+    monkeypatch.setattr(bench, "fastae_loss", wrong)
+    status = bench.main(
+        [
+            "--device", "cpu", "--shapes", "8x4x4", "--candidates", "eager,fastae-torch",
+            "--repeats", "1", "--warmup", "0", "--no-plot", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    assert "fastae-torch: loss differs from eager's by" in capsys.readouterr().err
+    (json_path,) = tmp_path.glob("*.json")
+    candidates = json.loads(json_path.read_text())["cases"][0]["candidates"]
+    assert candidates["fastae-torch"]["loss_matches_eager"] is False
+    assert candidates["eager"]["loss_matches_eager"] is True
