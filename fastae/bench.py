@@ -731,14 +731,6 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: got cuda, expected cpu or auto: torch sees no CUDA device")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if not os.access(args.out, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as err:
-        # Checked before any timing, so that a bad --out costs nothing.
-        reason = err.strerror or str(err)
-        parser.error(f"--out: got {args.out}, expected a folder it can write to ({reason})")
     if args.candidates is not None:
         runnable = device_candidates(device)
         skipped = [n for n in args.candidates if n not in runnable]
@@ -751,6 +743,15 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning(
                 "--candidates: skipped %s, not runnable on %s", ", ".join(skipped), device
             )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        # Made and checked after the other arguments and before any timing: a bad --out
+        # costs nothing, and a refused run leaves no folder behind.
+        reason = err.strerror or str(err)
+        parser.error(f"--out: got {args.out}, expected a folder it can write to ({reason})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or list(GPU_SHAPES if device == "cuda" else CPU_SHAPES)

@@ -129,9 +129,11 @@ def test_help_states_defaults(capsys):
 
 def test_candidates_that_cannot_run_here_are_refused(tmp_path, capsys):
     # fastae-triton needs CUDA: asked for alone on a CPU it is refused before any work, and no
-    # file is written.
+    # file (nor the --out folder) is written.
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", "cpu", "--candidates", "fastae-triton", "--out", str(tmp_path)])
+        bench.main(
+            ["--device", "cpu", "--candidates", "fastae-triton", "--out", str(tmp_path / "new")]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert (

@@ -139,3 +139,19 @@ def test_double_backward_with_a_plain_upstream_gradient_is_refused(backend):
     _, stats = fastae.encode(x, weight, bias, backend=backend)
     (plain,) = torch.autograd.grad(stats.contractive, x)
     assert not plain.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_through_a_decoder_parameter_is_refused(backend):
+    # A gradient penalty with a decoder: the upstream gradient of h depends on V, so a second
+    # derivative with respect to V passes through the encoder's backward and must refuse, not
+    # leave the penalty's share out.
+    x, weight, _ = encoder_case(5, 4, 3)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    decoder = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h, _ = fastae.encode(x, weight, None, backend=backend)
+    reconstruction = (h @ decoder.t() - 1).square().sum()
+    (grad_x,) = torch.autograd.grad(reconstruction, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first order only.*double backward"):
+        torch.autograd.grad(reconstruction + grad_x.square().sum(), decoder)

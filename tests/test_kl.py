@@ -161,7 +161,8 @@ def test_half_precision_saturated_units_stay_finite(dtype):
     rho_hat = torch.tensor([0.3, 1.0, 0.0], dtype=dtype, requires_grad=True)
     value = fastae.kl_sparsity(rho_hat, 0.05)
     value.backward()
-    assert value.dtype == dtype and rho_hat.grad.dtype == dtype
+    # The penalty in fp32, like encode's statistics; the gradient in the input's dtype.
+    assert value.dtype == torch.float32 and rho_hat.grad.dtype == dtype
     assert torch.isfinite(value) and torch.isfinite(rho_hat.grad).all()
     assert rho_hat.grad[1].item() == 0.0 and rho_hat.grad[2].item() == 0.0
     want = fastae.kl_sparsity(rho_hat.detach().float(), 0.05)
@@ -189,8 +190,19 @@ def test_a_value_just_outside_the_range_is_printed_in_full():
         fastae.kl_sparsity(torch.tensor([0.1, 1 + 1e-9], dtype=f64), 0.05)
 
 
+def test_many_saturated_fp16_units_do_not_overflow_the_sum():
+    # 6000 units at 1.0 cost about 6000 x 13.8, beyond fp16's largest finite value.
+    value = fastae.kl_sparsity(torch.ones(6000, dtype=torch.float16), 0.05)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
 def test_empty_rho_hat_gives_zero():
     rho_hat = torch.zeros(0, dtype=f64, requires_grad=True)
     value = fastae.kl_sparsity(rho_hat, 0.05)
     value.backward()
     assert value.item() == 0.0 and rho_hat.grad.shape == (0,)
+
+
+def test_eps_is_checked_whatever_the_data():
+    with pytest.raises(ValueError, match="eps: got 1e-09"):
+        fastae.kl_sparsity(torch.zeros(0), 0.05, eps=1e-9)

@@ -29,6 +29,7 @@ from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import deep_contractive_penalty
 from fastae.functional.deep import deep_encode
 from fastae.functional.kl import KLSparsityFunction
+from fastae.functional.kl import check_eps
 from fastae.functional.noise import Noise
 from fastae.functional.noise import check_noise
 from fastae.functional.stats import EncodeStats
@@ -143,7 +144,9 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
     rho_hat must be the mean activation of units whose codes lie in [0, 1] (sigmoid codes).
     Each r_j is clamped into [eps, 1 - eps] so that a unit saturated at exactly 0 or 1 (common in
     float32) gives a finite penalty; such a unit gets no gradient through the clamp. fp16 and
-    bf16 values are computed in fp32 (in them 1 - 1e-6 rounds to 1).
+    bf16 values are computed, and the penalty returned, in fp32 (in them 1 - 1e-6 rounds to 1);
+    the gradient comes back in the input's dtype, where in fp16 a unit below about
+    rho / 65504 has a slope beyond fp16's range (inf): pass fp32 rho_hat (encode's is).
 
     Args:
         rho_hat: (H,) mean activations, e.g. EncodeStats.rho_hat (any shape is summed over).
@@ -151,13 +154,14 @@ def kl_sparsity(rho_hat: Tensor, rho: float, eps: float = 1e-6) -> Tensor:
         eps: the clamp margin, in (0, 0.5), with 1 - eps below 1 in the computing dtype.
 
     Returns:
-        A scalar tensor of the dtype of rho_hat (0 for an empty one). Its gradient is computed
-        in closed form (fastae.functional.kl).
+        A scalar tensor of the dtype of rho_hat, fp32 for fp16 and bf16 (0 for an empty
+        rho_hat). Its gradient is computed in closed form (fastae.functional.kl).
     """
     rho = check_rho(rho)
     check_tensor("rho_hat", rho_hat)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 0.5:
         raise ValueError(f"eps: got {eps!r}, expected a number in (0, 0.5)")
+    check_eps(float(eps), rho_hat.dtype)
     if rho_hat.numel() == 0:
         return rho_hat.sum()
     # The range of rho_hat is checked in the forward (one device sync per call): a wrong

@@ -32,13 +32,19 @@ def first_order_only(backward):
         if not torch.is_grad_enabled():
             return outputs
         # create_graph=True: hand back aliases made by a node that raises MESSAGE when reached.
-        # The node also takes the saved tensors that require grad (the inputs x, W and the
-        # output h) so that it lies on every path from these gradients back to the inputs:
-        # a second derivative with respect to W reaches it and raises instead of skipping it.
+        # The node also takes every tensor these gradients depend on that requires grad: the
+        # saved x, W and h, and the upstream gradients (which may depend on a decoder's
+        # parameters, as in a gradient penalty). So it lies on every path from these gradients
+        # back to anything, and a second derivative with respect to any of them reaches it and
+        # raises instead of skipping it.
         tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
         if not tensors:
             return outputs
-        sources = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+        sources = [
+            t
+            for t in (*ctx.saved_tensors, *grads)
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
         raise_on_backward = _functions.DelayedError(MESSAGE, len(tensors) + len(sources))
         aliases = raise_on_backward(*[t.detach().requires_grad_() for t in tensors], *sources)
         aliases = iter(aliases if isinstance(aliases, tuple) else (aliases,))

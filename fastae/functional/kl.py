@@ -32,7 +32,6 @@ class KLSparsityFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
         dtype = _computing_dtype(rho_hat.dtype)
-        _check_eps(eps, dtype)
         targets, offset, sign = _constants(rho, dtype, rho_hat.device)
         flat = _as(rho_hat.reshape(-1), dtype)  # any shape, (H,) in practice
         # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
@@ -54,7 +53,9 @@ class KLSparsityFunction(torch.autograd.Function):
                 slope.masked_fill_((r != flat).view(rho_hat.shape), 0.0)
             ctx.save_for_backward(slope, rho_hat)
             ctx.rho, ctx.eps = rho, eps
-        return _as(ratio.log_().mul_(targets).sum(), rho_hat.dtype)
+        # In the computing dtype: fp32 for fp16 and bf16 inputs, like encode's statistics (a
+        # sum over thousands of units can pass fp16's range).
+        return ratio.log_().mul_(targets).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -74,11 +75,14 @@ def _computing_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=64)
-def _check_eps(eps: float, dtype: torch.dtype) -> None:
-    if not torch.tensor(1.0 - eps, dtype=dtype).item() < 1.0:
+def check_eps(eps: float, dtype: torch.dtype) -> None:
+    """eps must leave 1 - eps below 1 in the dtype the penalty is computed in."""
+    computing = _computing_dtype(dtype)
+    if not torch.tensor(1.0 - eps, dtype=computing).item() < 1.0:
+        least = torch.finfo(computing).eps / 2
         raise ValueError(
-            f"eps: got {eps!r}, expected a margin that keeps 1 - eps below 1 in {dtype} "
-            f"(at least {torch.finfo(dtype).eps / 2:.3g})"
+            f"eps: got {eps!r}, expected a margin that keeps 1 - eps below 1 in {computing}, "
+            f"in which rho_hat of {dtype} is computed (at least {least:.3g})"
         )
 
 
