@@ -631,24 +631,23 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def parse_dtypes(text: str) -> list[str]:
-    names = [item.strip() for item in text.split(",")]
-    for name in names:
-        if name not in DTYPES:
-            raise argparse.ArgumentTypeError(
-                f"got {name!r}, expected a comma-separated list of {', '.join(DTYPES)}"
-            )
-    return names
+def _names_from(allowed) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of names, each one of allowed."""
+
+    def parse(text: str) -> list[str]:
+        names = [item.strip() for item in text.split(",")]
+        for name in names:
+            if name not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"got {name!r}, expected a comma-separated list of {', '.join(allowed)}"
+                )
+        return names
+
+    return parse
 
 
-def parse_candidates(text: str) -> list[str]:
-    names = [item.strip() for item in text.split(",")]
-    for name in names:
-        if name not in CANDIDATES:
-            raise argparse.ArgumentTypeError(
-                f"got {name!r}, expected a comma-separated list of {', '.join(CANDIDATES)}"
-            )
-    return names
+parse_dtypes = _names_from(DTYPES)
+parse_candidates = _names_from(CANDIDATES)
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:

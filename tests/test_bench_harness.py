@@ -222,7 +222,11 @@ def test_an_unusable_out_folder_is_refused_before_any_timing(out, tmp_path, caps
     assert "Traceback" not in captured.err and captured.out == ""
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="checks the message without a GPU; CI (no GPU) runs it, the GPU tier "
+    "(benchmarks/gpu_check.sh) runs --device cuda for real",
+)
 def test_cuda_without_a_gpu_is_refused_like_other_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--device", "cuda", "--out", str(tmp_path)])

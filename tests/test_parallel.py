@@ -307,7 +307,10 @@ def _ranks_of(process):
     return sorted(ranks)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks in /proc")
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task"),
+    reason="finds the ranks in /proc (Linux); CI runs on Linux, where this test runs",
+)
 @pytest.mark.parametrize(
     "how, last_line",
     [

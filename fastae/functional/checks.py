@@ -78,3 +78,8 @@ def check_reduction(reduction: object) -> str:
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics accumulate in fp32 at least, fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without an operator call when it already is (a call costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)

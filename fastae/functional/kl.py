@@ -20,6 +20,8 @@ import functools
 import torch
 from torch import Tensor
 
+from fastae.functional.checks import as_dtype
+
 
 class KLSparsityFunction(torch.autograd.Function):
     """K = KLSparsityFunction.apply(rho_hat, rho, eps); rho and eps are Python floats.
@@ -33,7 +35,7 @@ class KLSparsityFunction(torch.autograd.Function):
     def forward(ctx, rho_hat: Tensor, rho: float, eps: float) -> Tensor:
         dtype = _computing_dtype(rho_hat.dtype)
         targets, offset, sign = _constants(rho, dtype, rho_hat.device)
-        flat = _as(rho_hat.reshape(-1), dtype)  # any shape, (H,) in practice
+        flat = as_dtype(rho_hat.reshape(-1), dtype)  # any shape, (H,) in practice
         # Both Bernoulli terms at once: row 0 holds (rho, r), row 1 (1 - rho, 1 - r), the
         # latter made in one operation as offset + r * sign.
         rows = torch.addcmul(offset, flat, sign)
@@ -62,11 +64,7 @@ class KLSparsityFunction(torch.autograd.Function):
         slope, rho_hat = ctx.saved_tensors
         if torch.is_grad_enabled():
             slope = _slope(rho_hat, ctx.rho, ctx.eps)
-        return _as(slope * grad, rho_hat.dtype), None, None
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+        return as_dtype(slope * grad, rho_hat.dtype), None, None
 
 
 def _computing_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,6 +105,6 @@ def _constants(rho: float, dtype: torch.dtype, device: torch.device) -> tuple[Te
 
 def _slope(rho_hat: Tensor, rho: float, eps: float) -> Tensor:
     """dK/d rho_hat with autograd ops (the create_graph path of the backward)."""
-    rho_hat = _as(rho_hat, _computing_dtype(rho_hat.dtype))
+    rho_hat = as_dtype(rho_hat, _computing_dtype(rho_hat.dtype))
     r = rho_hat.clamp(eps, 1.0 - eps)
     return (-rho / r + (1.0 - rho) / (1.0 - r)).masked_fill(r != rho_hat, 0.0)

@@ -11,7 +11,7 @@ Backward (DESIGN section 3), with upstream gradients g_h, g_C, g_r, g_A:
     delta = f' * (g_h + g_r / B + g_A sign(h) / B) + (2 g_C / B) f' f'' n
     dL/dx = delta W,   dL/dW = delta^T x + (2 g_C / B) (sum_b f'^2) W_j,   dL/db = sum_b delta
 
-Only x, W (inputs, not copies), h and two (H,) vectors are saved: n, and s = (1/B) sum_b f'^2,
+Only x, W (inputs, not copies), h and two (H,) vectors are saved: n, and s = sum_b f'^2,
 which the forward computes anyway for the contractive statistic and which is the coefficient of
 W_j in dL/dW. delta and f' are recomputed from h. The matmul for dL/dx is skipped when x needs
 no gradient. Statistics accumulate in fp32
@@ -27,9 +27,9 @@ cost is the number of operator calls and of passes over (B, H) and (H, D) tensor
 PyTorch op costs a dispatch (several microseconds when the matmuls have just evicted the caches)
 plus a pass, and each fresh buffer may cost page faults. The code below therefore uses fused ops
 (addcmul, addmm_) and in-place updates, allocates two (B, H) temporaries in the backward and one
-in the forward, never materialises a (B, H) tensor it can fold into an (H,) vector, reads
-one-element gradients as numbers on the CPU, and has a path for sigmoid, the activation of the
-classic contractive and sparse autoencoders, whose f' and f'' are each one fused op of h.
+in the forward, never materialises a (B, H) tensor it can fold into an (H,) vector, and has a
+path for sigmoid, the activation of the classic contractive and sparse autoencoders, whose f'
+and f'' are each one fused op of h.
 `fastae bench` measures the result against eager autograd, torch.compile and the bare matmuls
 (README, "Benchmarks").
 """
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastae.activations import Activation
+from fastae.functional.checks import as_dtype
 from fastae.functional.checks import stats_dtype
 from fastae.functional.distributed import finish_stats
-from fastae.functional.distributed import is_distributed
 from fastae.functional.first_order import first_order_only
 from fastae.functional.noise import draw
 from fastae.functional.noise import rank_of
@@ -78,17 +78,14 @@ def _row_norms_squared(weight: Tensor, acc: torch.dtype) -> Tensor:
     point (the hand-worked values of the tests) came out one ulp off. 16 us is 0.5 % of a
     forward+backward at (256, 784, 512), so n is computed exactly.
     """
-    w = weight if weight.dtype == acc else weight.to(acc)
-    return w.square().sum(1)
+    return as_dtype(weight, acc).square().sum(1)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation, means: bool):
-    """h, the three statistics, n and s, from one matmul and a few passes over h.
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
+    """h, the three local sums, n and s, from one matmul and a few passes over h.
 
-    means=True gives the batch means (one process); means=False the local sums that
-    finish_stats all-reduces and divides. s_j = sum_b f'(a_bj)^2 (divided by B when means) gives
-    the contractive statistic now and the row-norm term of dL/dW in the backward, which
-    therefore needs no pass over f'^2 of its own.
+    s_j = sum_b f'(a_bj)^2 gives the contractive sum now and the row-norm term of dL/dW in the
+    backward, which therefore needs no pass over f'^2 of its own.
     """
     acc = stats_dtype(x.dtype)
     # n first: its (H, D) temporary is freed before h and the (B, H) temporaries are allocated,
@@ -98,23 +95,17 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation, me
     # a is a fresh tensor of ours: apply f in place rather than allocating h next to it.
     in_place = _IN_PLACE.get(act.name)
     h = in_place(a) if in_place is not None else act.forward(a)
-    h_acc = h if h.dtype == acc else h.to(acc)
+    h_acc = as_dtype(h, acc)
 
     # NOTE: not vector_norm(f', dim=0) squared: reducing along the strided dimension it took
     # 108 us for a (256, 512) fp32 f' on the README's 2-core CPU, against 19 us for square_ and a
     # reduction.
-    fp_squared = _d1(act, h_acc).square_()
-    s = fp_squared.mean(0) if means else fp_squared.sum(0)
-    del fp_squared
-    contractive = torch.dot(s, n)
-    column = h_acc.mean(0) if means else h_acc.sum(0)
-    # For activations with h >= 0 the L1 statistic is the sum of the column statistics.
-    if act.low >= 0:
-        l1 = column.sum()
-    else:
-        l1 = h_acc.abs().sum()
-        l1 = l1.div_(h.shape[0]) if means else l1
-    return h, contractive, column, l1, n, s
+    s = _d1(act, h_acc).square_().sum(0)
+    contractive_sum = torch.dot(s, n)
+    column_sum = h_acc.sum(0)
+    # For activations with h >= 0 the L1 sum is the sum of the column sums: no extra pass.
+    l1_sum = column_sum.sum() if act.low >= 0 else h_acc.abs().sum()
+    return h, contractive_sum, column_sum, l1_sum, n, s
 
 
 def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
@@ -132,24 +123,24 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
     acc = n.dtype
     fp = _d1(act, h)  # a fresh tensor of ours: it becomes delta in place
 
-    g_r = None if g_rho_hat is None else _as(g_rho_hat, acc)
-    g_a = None if g_l1 is None else _scalar(g_l1, acc)
+    g_r = None if g_rho_hat is None else as_dtype(g_rho_hat, acc)
+    g_a = None if g_l1 is None else as_dtype(g_l1, acc)
     sign_term = None
     if g_a is not None and act.low < 0:
         sign_term = torch.sign(h).mul_(g_a * scale)
         g_a = None
-    # column = (g_r + g_A) scale: an (H,) tensor, a scalar, or None.
+    # column = (g_r + g_A) scale: an (H,) or one-element tensor, or None.
     if g_r is not None:
         column = torch.add(g_r, g_a).mul_(scale) if g_a is not None else g_r * scale
     else:
         column = g_a * scale if g_a is not None else None
 
     if g_h is not None:
-        g_h = _as(g_h, acc)
+        g_h = as_dtype(g_h, acc)
     # bracket: a (B, H) tensor, owned (ours to update in place) or not (g_h), or None.
     bracket, owned = None, False
     if g_contractive is not None and act.name not in _ZERO_D2:
-        cn = n * (_scalar(g_contractive, acc) * (2 * scale))
+        cn = n * (as_dtype(g_contractive, acc) * (2 * scale))
         bracket, owned = _d2(act, h, fp), True
         if g_h is not None:
             torch.addcmul(g_h, bracket, cn, out=bracket)
@@ -172,17 +163,6 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
     return fp.mul_(bracket)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype, without an operator call when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _scalar(t: Tensor, dtype: torch.dtype) -> float | Tensor:
-    """A one-element upstream gradient as a Python number on the CPU, where reading it costs
-    less than the tensor operations it saves; elsewhere a tensor in dtype (no device sync)."""
-    return t.item() if t.device.type == "cpu" else _as(t, dtype)
-
-
 class TorchEncodeFunction(torch.autograd.Function):
     """h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(x, weight, bias, act, group, noise).
 
@@ -193,25 +173,17 @@ class TorchEncodeFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act, process_group, noise=None):
         rank = rank_of(process_group) if noise is not None else 0
         x_in = draw(x, noise, rank)[0] if noise is not None else x
-        distributed = is_distributed(process_group)
-        h, contractive, rho_hat, l1, n, s = _forward(x_in, weight, bias, act, not distributed)
+        h, contractive_sum, column_sum, l1_sum, n, s = _forward(x_in, weight, bias, act)
         del x_in
-        if distributed:
-            contractive, rho_hat, l1, scale = finish_stats(
-                contractive, l1, rho_hat, x.shape[0], process_group
-            )
-            # s holds local sums: times scale they are what the dL/dW term needs.
-            s_scale = scale
-        else:
-            # s holds means, (1/B) sum_b f'^2, already what the dL/dW term needs.
-            scale, s_scale = 1.0 / x.shape[0], 1.0
+        contractive, rho_hat, l1, scale = finish_stats(
+            contractive_sum, l1_sum, column_sum, x.shape[0], process_group
+        )
 
         ctx.save_for_backward(x, weight, h, n, s)
         ctx.act = act
         ctx.noise = noise
         ctx.rank = rank
         ctx.scale = scale
-        ctx.s_scale = s_scale
         ctx.set_materialize_grads(False)
         return h, contractive, rho_hat, l1
 
@@ -231,8 +203,8 @@ class TorchEncodeFunction(torch.autograd.Function):
         if ctx.noise is not None:
             x, keep = draw(x, ctx.noise, ctx.rank)
 
-        delta = _delta(act, _as(h, acc), n, g_h, g_contractive, g_rho_hat, g_l1, scale)
-        delta = _as(delta, x.dtype)
+        delta = _delta(act, as_dtype(h, acc), n, g_h, g_contractive, g_rho_hat, g_l1, scale)
+        delta = as_dtype(delta, x.dtype)
 
         grad_x = grad_w = grad_b = None
         # grad w.r.t. input
@@ -247,8 +219,8 @@ class TorchEncodeFunction(torch.autograd.Function):
                 # delta^T x into it in place (beta = 1): one (H, D) pass and no copy. The other
                 # orders cost a pass more: addcmul_ on the matmul's output reads that output
                 # again, and addmm(W * coef, ...) copies W * coef into a fresh output first.
-                coef = s * (_scalar(g_contractive, acc) * (2 * ctx.s_scale))
-                grad_w = torch.mul(weight, _as(coef, weight.dtype).unsqueeze(1))
+                coef = s * (as_dtype(g_contractive, acc) * (2 * scale))
+                grad_w = torch.mul(weight, as_dtype(coef, weight.dtype).unsqueeze(1))
                 grad_w.addmm_(delta.t(), x)
             else:
                 grad_w = torch.mm(delta.t(), x)
