@@ -90,14 +90,19 @@ def contractive_penalty(
     activation: str = "sigmoid",
     reduction: str = "mean",
 ) -> Tensor:
-    """The contractive penalty from explicit Jacobians (see fastae.contractive_penalty)."""
+    """The contractive penalty from explicit Jacobians (see fastae.contractive_penalty), in the
+    same dtype as the fast path's: fp32 for half inputs, fp64 for fp64."""
     act = get_activation(activation)
     check_encode_args(x, weight, bias)
+    # As in encode above: the Jacobian is taken in the accumulation dtype.
+    acc = stats_dtype(x.dtype)
+    w_acc = weight.to(acc)
+    b_acc = bias.to(acc) if bias is not None else None
 
     def layer(inputs: Tensor) -> Tensor:
-        a = inputs @ weight.t()
-        return act.forward(a + bias if bias is not None else a)
+        a = inputs @ w_acc.t()
+        return act.forward(a + b_acc if b_acc is not None else a)
 
-    penalty = jacobian_penalty(layer, x.reshape(-1, x.shape[-1]), reduction)
+    penalty = jacobian_penalty(layer, x.reshape(-1, x.shape[-1]).to(acc), reduction)
     # Per-sample values in the shape of x without its last dimension, as the fast path gives.
     return penalty.reshape(x.shape[:-1]) if reduction == "none" else penalty

@@ -135,3 +135,21 @@ def test_per_sample_penalty_keeps_the_leading_dimensions():
     want = reference.contractive_penalty(x.reshape(2, 3, 5), weight, bias, reduction="none")
     assert want.shape == (2, 3)
     torch.testing.assert_close(per_sample, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_penalty_of_half_inputs_is_fp32_like_the_fast_path(dtype):
+    x, weight, bias = (t.to(dtype) for t in encoder_case(5, 6, 4))
+    for reduction in ("none", "sum", "mean"):
+        got = fastae.contractive_penalty(x, weight, bias, reduction=reduction)
+        want = reference.contractive_penalty(x, weight, bias, reduction=reduction)
+        assert got.dtype == want.dtype == torch.float32
+        # The reference takes the whole layer in fp32; the fast path rounds a = x W^T + b to
+        # the input dtype first (2^-8 relative for bf16, 2^-11 for fp16), and that rounding
+        # of a, carried through f'^2, is the whole difference: 2e-3 and 6e-4 measured.
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+    # The mean agrees with reference.encode's statistic, which computes it the same way.
+    _, stats = reference.encode(x, weight, bias)
+    torch.testing.assert_close(
+        reference.contractive_penalty(x, weight, bias), stats.contractive, rtol=0, atol=0
+    )
