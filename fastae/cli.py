@@ -241,11 +241,20 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
 
 
+def _echoes_usage_errors() -> bool:
+    """Whether this process reports a malformed command line: under torchrun every process
+    parses the same one, so only rank 0 says what is wrong with it and the others exit 2
+    quietly. Errors that can differ between processes (a file missing on one node) are still
+    reported by every process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (no usage block above it)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(2, text if _echoes_usage_errors() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

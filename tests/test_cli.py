@@ -490,3 +490,25 @@ def test_a_bad_backend_override_is_one_line_before_anything_is_written(
         "unset)\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank, echoed", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_reports_a_malformed_command_line(
+    monkeypatch, capsys, rank, echoed
+):
+    # torchrun starts every process with the same arguments: one message, not one per process.
+    monkeypatch.setenv("RANK", rank)
+    assert _main(["train", "--epochs", "zero"]) == 2
+    err = capsys.readouterr().err
+    assert ("fastae train: error: argument --epochs" in err) == echoed
+    assert err == "" or echoed
+
+
+def test_errors_that_can_differ_between_processes_are_reported_by_every_rank(
+    tmp_path, monkeypatch, capsys
+):
+    # A data file can be missing on one node only: that rank must say so.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "3")
+    assert _main(["train", "--data", "missing.csv"]) == 2
+    assert "--data" in capsys.readouterr().err
