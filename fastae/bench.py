@@ -15,7 +15,10 @@ and are timed for the forward alone and for forward + backward (x needs no gradi
     fastae-torch  fastae.encode(..., backend="torch") with fastae.kl_sparsity
     fastae-triton fastae.encode(..., backend="triton"), on CUDA
     floor         the bare matmuls any encoder must run: x W^T (forward), and x W^T plus
-                  delta^T x with delta given (forward + backward)
+                  delta^T x with delta given (forward + backward), through the same GEMMs as
+                  fastae's PyTorch path (oneDNN for x W^T on a CPU where that path uses it, see
+                  fastae.functional.cpu_linear; torch's matmul otherwise), so that no candidate
+                  runs a faster GEMM than the floor
 
 Timing: warm-ups first, then rounds in which every candidate runs once in turn (interleaved, so
 that drift of the machine's clock or load hits all alike), in an order shuffled anew each round
@@ -54,6 +57,8 @@ from torch import Tensor
 
 import fastae
 from fastae.functional import triton_usable
+from fastae.functional.cpu_linear import linear
+from fastae.functional.cpu_linear import onednn_used
 from fastae.reference import jacobian_penalty
 
 CPU_SHAPES = ((256, 784, 512), (1024, 784, 1024), (4096, 64, 256))
@@ -190,11 +195,11 @@ def build(name: str, case: Case, device: str, compile_mode_: str | None = None):
 
         def floor_forward():
             with torch.no_grad():
-                return x_ @ w_.t()
+                return linear(x_, w_)
 
         def floor_forward_backward():
             with torch.no_grad():
-                return x_ @ w_.t(), delta.t() @ x_
+                return linear(x_, w_), delta.t() @ x_
 
         return floor_forward, floor_forward_backward
 
@@ -783,7 +788,11 @@ def main(argv: list[str] | None = None) -> int:
             shape, DTYPES[dtype_name], device, names, repeats, args.warmup, args.compile_mode,
             progress=lambda message: bar.write(message, file=sys.stderr),
         )  # fmt: skip
-        records.append(case_record(shape, dtype_name, results))
+        record = case_record(shape, dtype_name, results)
+        probe = torch.empty(0, dtype=DTYPES[dtype_name], device=device)
+        # The route of the PyTorch path's (and the floor's) forward matmul for this case.
+        record["forward_gemm"] = "onednn" if onednn_used(probe) else "torch.matmul"
+        records.append(record)
         if device == "cuda":
             torch.cuda.empty_cache()
     if hasattr(os, "getloadavg"):

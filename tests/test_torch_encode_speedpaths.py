@@ -11,6 +11,7 @@ import torch
 
 import fastae
 from fastae.activations import ACTIVATIONS
+from fastae.functional import torch_encode
 
 SHAPES = [(5, 7, 3), (33, 17, 12)]
 
@@ -139,3 +140,17 @@ def test_saves_only_h_n_and_s_besides_the_inputs(activation):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fastae.encode(x, weight, b, activation, backend="torch")
     assert sorted(saved) == [(7,), (7,), (16, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norms_of_half_and_single_weights(dtype):
+    # Below float64, n_j is the squared vector norm of row j (no (H, D) temporary): within a
+    # few float32 ulp of the float64 sum of squares of the same weights.
+    weight = torch.randn(37, 301, dtype=torch.float64).to(dtype)
+    n = torch_encode._row_norms_squared(weight, torch.float32)
+    exact = weight.double().square().sum(1)
+    assert n.dtype == torch.float32
+    torch.testing.assert_close(n.double(), exact, rtol=4 * 2**-23, atol=0)
+    # Exact sums stay exact: 3^2 + 4^2 = 25, 0.5^2 * 4 = 1.
+    small = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]], dtype=dtype)
+    assert torch_encode._row_norms_squared(small, torch.float32).tolist() == [25.0, 1.0]

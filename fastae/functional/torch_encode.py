@@ -37,12 +37,12 @@ and f'' are each one fused op of h.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastae.activations import Activation
 from fastae.functional.checks import as_dtype
 from fastae.functional.checks import stats_dtype
+from fastae.functional.cpu_linear import linear_activation
 from fastae.functional.distributed import finish_stats
 from fastae.functional.first_order import first_order_only
 from fastae.functional.noise import draw
@@ -50,9 +50,6 @@ from fastae.functional.noise import rank_of
 
 # Activations whose f'' is identically zero: the contractive term of delta vanishes for them.
 _ZERO_D2 = frozenset({"relu", "identity"})
-
-# Activations whose elementwise op exists in place on a fresh pre-activation tensor.
-_IN_PLACE = {"sigmoid": Tensor.sigmoid_, "tanh": Tensor.tanh_, "relu": Tensor.relu_}
 
 
 def _d1(act: Activation, h: Tensor) -> Tensor:
@@ -72,13 +69,18 @@ def _d2(act: Activation, h: Tensor, fp: Tensor) -> Tensor:
 def _row_norms_squared(weight: Tensor, acc: torch.dtype) -> Tensor:
     """n_j = sum_k W_jk^2 in the accumulation dtype.
 
-    NOTE: linalg.vector_norm(W, dim=1).square_() reads W once instead of writing an (H, D)
-    square first, and measured 22 us against 38 us for a (512, 784) fp32 W on the README's 2-core
-    CPU, but its square root and square round twice: sums of squares that are exact in floating
-    point (the hand-worked values of the tests) came out one ulp off. 16 us is 0.5 % of a
-    forward+backward at (256, 784, 512), so n is computed exactly.
+    NOTE: in float64 n is the plain sum of squares, exact wherever that sum is representable
+    (the hand-worked values of the tests are). In float32 (and for fp16/bf16 weights, which
+    accumulate in it) it is linalg.vector_norm(W, dim=1) squared: that reads W once and writes
+    no (H, D) temporary. The temporary is what made the plain form slow in training: on the
+    README's 2-core CPU a fresh (512, 784) float32 buffer after the matmuls often had to be
+    faulted in page by page, and W.square().sum(1) then took 150-700 us against 60-90 us for
+    the norm. The square root and the square round twice, which moves n by at most 2 ulp;
+    the float32 sum of squares is itself rounded at every one of its D additions.
     """
-    return as_dtype(weight, acc).square().sum(1)
+    if acc == torch.float64:
+        return as_dtype(weight, acc).square().sum(1)
+    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
@@ -91,10 +93,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
     # n first: its (H, D) temporary is freed before h and the (B, H) temporaries are allocated,
     # so that they can reuse its memory.
     n = _row_norms_squared(weight, acc)
-    a = F.linear(x, weight, bias)
-    # a is a fresh tensor of ours: apply f in place rather than allocating h next to it.
-    in_place = _IN_PLACE.get(act.name)
-    h = in_place(a) if in_place is not None else act.forward(a)
+    h = linear_activation(x, weight, bias, act)
     h_acc = as_dtype(h, acc)
 
     # NOTE: not vector_norm(f', dim=0) squared: reducing along the strided dimension it took
