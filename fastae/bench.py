@@ -789,9 +789,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=lambda message: bar.write(message, file=sys.stderr),
         )  # fmt: skip
         record = case_record(shape, dtype_name, results)
-        probe = torch.empty(0, dtype=DTYPES[dtype_name], device=device)
         # The route of the PyTorch path's (and the floor's) forward matmul for this case.
-        record["forward_gemm"] = "onednn" if onednn_used(probe) else "torch.matmul"
+        batch, features, hidden = shape
+        scalar = torch.empty((), dtype=DTYPES[dtype_name], device=device)
+        onednn = onednn_used(scalar.expand(batch, features), scalar.expand(hidden, features))
+        record["forward_gemm"] = "onednn" if onednn else "torch.matmul"
         records.append(record)
         if device == "cuda":
             torch.cuda.empty_cache()

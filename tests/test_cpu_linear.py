@@ -23,6 +23,12 @@ needs_onednn = pytest.mark.skipif(
 SHAPES = [(1, 1, 1), (3, 8, 5), (7, 19, 13), (64, 33, 17)]
 
 
+@pytest.fixture
+def onednn_at_any_size(monkeypatch):
+    """The tests' shapes are far below the size from which fastae takes oneDNN's route."""
+    monkeypatch.setattr(cpu_linear, "MIN_ONEDNN_MACS", 1)
+
+
 def _exact(x, weight, bias, name):
     a = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     return ACTIVATIONS[name].forward(a)
@@ -31,9 +37,9 @@ def _exact(x, weight, bias, name):
 @needs_onednn
 @pytest.mark.parametrize("name", ACTIVATION_NAMES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_route_matches_float64(name, shape):
+def test_fused_route_matches_float64(name, shape, onednn_at_any_size):
     x, weight, bias = encoder_case(*shape, dtype=torch.float32)
-    assert cpu_linear.onednn_used(x)
+    assert cpu_linear.onednn_used(x, weight)
     h = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS[name])
     want = _exact(x, weight, bias, name)
     assert h.dtype == torch.float32 and h.shape == want.shape and h.is_contiguous()
@@ -42,7 +48,7 @@ def test_fused_route_matches_float64(name, shape):
 
 
 @needs_onednn
-def test_relu_and_identity_are_the_plain_matmul():
+def test_relu_and_identity_are_the_plain_matmul(onednn_at_any_size):
     # No approximation in these post-ops: relu of the oneDNN matmul equals relu applied after it.
     x, weight, bias = encoder_case(40, 24, 9, dtype=torch.float32)
     a = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS["identity"])
@@ -52,9 +58,9 @@ def test_relu_and_identity_are_the_plain_matmul():
 
 
 @needs_onednn
-def test_bfloat16_route():
+def test_bfloat16_route(onednn_at_any_size):
     x, weight, bias = encoder_case(16, 12, 10, dtype=torch.bfloat16)
-    assert cpu_linear.onednn_used(x)
+    assert cpu_linear.onednn_used(x, weight)
     h = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS["sigmoid"])
     assert h.dtype == torch.bfloat16
     # bf16 keeps 8 bits: h in (0, 1) is within 2^-8 of the exact value.
@@ -62,7 +68,7 @@ def test_bfloat16_route():
 
 
 @needs_onednn
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(onednn_at_any_size):
     x, weight, bias = encoder_case(9, 14, 6, dtype=torch.float32)
     x_t = x.t().contiguous().t()  # same values, column-major
     weight_t = weight.t().contiguous().t()
@@ -74,28 +80,28 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_dtypes_onednn_lacks_take_torch_matmul(dtype):
     x = torch.ones(2, 3, dtype=dtype)
-    assert not cpu_linear.onednn_used(x)
     weight = torch.full((4, 3), 0.5, dtype=dtype)
+    assert not cpu_linear.onednn_used(x, weight)
     h = cpu_linear.linear_activation(x, weight, None, ACTIVATIONS["identity"])
     assert h.dtype == dtype and torch.equal(h, torch.full((2, 4), 1.5, dtype=dtype))
 
 
 @needs_onednn
-def test_environment_variable_and_torch_flag_turn_the_route_off(monkeypatch):
-    x = torch.ones(2, 3)
-    assert cpu_linear.onednn_used(x)
+def test_environment_variable_and_torch_flag_turn_the_route_off(onednn_at_any_size, monkeypatch):
+    x, weight = torch.ones(2, 3), torch.ones(4, 3)
+    assert cpu_linear.onednn_used(x, weight)
     monkeypatch.setenv("FASTAE_ONEDNN", "0")
-    assert not cpu_linear.onednn_used(x)
+    assert not cpu_linear.onednn_used(x, weight)
     monkeypatch.setenv("FASTAE_ONEDNN", "1")
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    assert not cpu_linear.onednn_used(x)
-    monkeypatch.undo()
-    assert cpu_linear.onednn_used(x)
+    assert not cpu_linear.onednn_used(x, weight)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    assert cpu_linear.onednn_used(x, weight)
 
 
 @needs_onednn
 @pytest.mark.parametrize("name", ACTIVATION_NAMES)
-def test_encode_agrees_across_routes(name, monkeypatch):
+def test_encode_agrees_across_routes(name, onednn_at_any_size, monkeypatch):
     # The whole PyTorch path, statistics and gradients, through either matmul: the same up to
     # float32 rounding.
     x, weight, bias = encoder_case(24, 10, 7, dtype=torch.float32)
@@ -121,3 +127,13 @@ def test_linear_is_the_bare_matmul():
         cpu_linear.linear(x, weight).double(), x.double() @ weight.double().t(), rtol=2e-6,
         atol=2e-6,
     )  # fmt: skip
+
+
+@needs_onednn
+def test_small_matmuls_take_torch_matmul():
+    # B * D * H below MIN_ONEDNN_MACS: oneDNN's fixed cost per call outweighs its faster GEMM.
+    scalar = torch.empty(())
+    hidden = cpu_linear.MIN_ONEDNN_MACS // (64 * 64)
+    assert cpu_linear.onednn_used(scalar.expand(64, 64), scalar.expand(hidden, 64))
+    assert not cpu_linear.onednn_used(scalar.expand(64, 64), scalar.expand(hidden - 1, 64))
+    assert not cpu_linear.onednn_used(torch.ones(8, 4), torch.ones(3, 4))

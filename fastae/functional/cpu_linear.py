@@ -16,6 +16,7 @@ It is used when all of these hold, and F.linear plus the activation otherwise:
   applied afterwards, in its exact form from fastae.activations);
 - torch was built with oneDNN, ``torch.backends.mkldnn`` is enabled, and the op answered a
   probe call correctly the first time it was needed;
+- the matmul has at least MIN_ONEDNN_MACS multiply-adds (see the NOTE at that constant);
 - the environment variable FASTAE_ONEDNN is not "0".
 
 NOTE: on the README's 2-core AMD EPYC (torch 2.13.0, float32), linear + sigmoid took 1.41 ms
@@ -49,6 +50,14 @@ _IN_PLACE = {"sigmoid": Tensor.sigmoid_, "tanh": Tensor.tanh_, "relu": Tensor.re
 # The dtypes oneDNN's CPU matmul takes on every x86 CPU with AVX-512 or AVX2.
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
+# NOTE: oneDNN's call costs about 15 us more than addmm's whatever the size (primitive lookup
+# and weight reorder), which its faster GEMM repays only on larger matmuls. Linear + sigmoid on
+# the README's 2-core CPU, float32, addmm + sigmoid_ against oneDNN: (128, 64, 32) 10 against
+# 22 us, (256, 64, 64) 35 against 40 us, (64, 784, 128) 95 against 99 us, (128, 784, 256) 312
+# against 277 us, (32, 512, 2048) 592 against 460 us. B * D * H = 2^24 lies between the last
+# two sizes that tie and the first that gains.
+MIN_ONEDNN_MACS = 2**24
+
 
 @functools.lru_cache(maxsize=1)
 def _onednn_works() -> bool:
@@ -66,11 +75,12 @@ def _onednn_works() -> bool:
     return h.shape == (1, 2) and h.tolist() == [[0.0, 0.0]]
 
 
-def onednn_used(x: Tensor) -> bool:
-    """Whether linear_activation and linear take oneDNN's route for this input."""
+def onednn_used(x: Tensor, weight: Tensor) -> bool:
+    """Whether linear_activation and linear take oneDNN's route for x (B, D) and W (H, D)."""
     return (
         x.device.type == "cpu"
         and x.dtype in _ONEDNN_DTYPES
+        and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_ONEDNN_MACS
         and os.environ.get("FASTAE_ONEDNN", "1") != "0"
         and torch.backends.mkldnn.enabled
         and _onednn_works()
@@ -83,7 +93,7 @@ def linear_activation(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activ
     Args:
         x: (B, D); weight: (H, D); bias: (H,) or None; act: the activation f.
     """
-    if onednn_used(x):
+    if onednn_used(x, weight):
         post_op = _POST_OPS.get(act.name, "none")
         a_or_h = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "")
         return a_or_h if act.name in _POST_OPS else act.forward(a_or_h)
@@ -96,6 +106,6 @@ def linear_activation(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activ
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """x W^T by the route linear_activation takes for x, without bias or activation: the bare
     matmul that the benchmark's floor times."""
-    if onednn_used(x):
+    if onednn_used(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return x @ weight.t()
