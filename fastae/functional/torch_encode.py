@@ -107,17 +107,19 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation):
     return h, contractive_sum, column_sum, l1_sum, n, s
 
 
-def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
-    """delta = f' * (g_h + g_r scale + g_A scale sign(h) + 2 g_C scale f'' n), in acc dtype.
+def _delta(act, h, n, g_h, c2, g_rho_hat, g_l1, scale):
+    """delta = f' * (g_h + g_r scale + g_A scale sign(h) + c2 f'' n), in acc dtype.
 
+    c2 = 2 g_C scale (a 0-d tensor), or None when the contractive statistic gets no gradient.
     The bracket is built in as few passes over (B, H), as few (B, H) allocations (on a CPU a
     fresh buffer can cost page faults as well as a pass) and as few operator calls as possible:
     f' and f'' are the only two (B, H) tensors allocated, the other terms are added into f'' in
     place, and f' is multiplied by the bracket in place to become delta. The (H,) and scalar
-    parts of the bracket are gathered into one column vector first. For activations with
-    h >= 0 (sigmoid, relu, softplus), f' sign(h) = f': sign(h) is 1 wherever h > 0, and where
-    h = 0 the factor f' is 0 as well (sigmoid and softplus reach h = 0 only where f' has
-    underflowed to 0, relu has f' = 0 there), so the L1 term joins the column vector too.
+    parts of the bracket are gathered into one unscaled column vector first, added with the
+    scale as alpha. For activations with h >= 0 (sigmoid, relu, softplus), f' sign(h) = f':
+    sign(h) is 1 wherever h > 0, and where h = 0 the factor f' is 0 as well (sigmoid and
+    softplus reach h = 0 only where f' has underflowed to 0, relu has f' = 0 there), so the L1
+    term joins the column vector too.
     """
     acc = n.dtype
     fp = _d1(act, h)  # a fresh tensor of ours: it becomes delta in place
@@ -128,18 +130,18 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
     if g_a is not None and act.low < 0:
         sign_term = torch.sign(h).mul_(g_a * scale)
         g_a = None
-    # column = (g_r + g_A) scale: an (H,) or one-element tensor, or None.
+    # column = g_r + g_A, to be scaled: an (H,) or one-element tensor, or None.
     if g_r is not None:
-        column = torch.add(g_r, g_a).mul_(scale) if g_a is not None else g_r * scale
+        column = torch.add(g_r, g_a) if g_a is not None else g_r
     else:
-        column = g_a * scale if g_a is not None else None
+        column = g_a
 
     if g_h is not None:
         g_h = as_dtype(g_h, acc)
     # bracket: a (B, H) tensor, owned (ours to update in place) or not (g_h), or None.
     bracket, owned = None, False
-    if g_contractive is not None and act.name not in _ZERO_D2:
-        cn = n * (as_dtype(g_contractive, acc) * (2 * scale))
+    if c2 is not None and act.name not in _ZERO_D2:
+        cn = n * c2
         bracket, owned = _d2(act, h, fp), True
         if g_h is not None:
             torch.addcmul(g_h, bracket, cn, out=bracket)
@@ -152,11 +154,11 @@ def _delta(act, h, n, g_h, g_contractive, g_rho_hat, g_l1, scale):
         owned = True
     if column is not None:
         if bracket is None:
-            bracket = column
+            bracket = column * scale
         elif owned:
-            bracket.add_(column)
+            bracket.add_(column, alpha=scale)
         else:
-            bracket = torch.add(bracket, column)
+            bracket = torch.add(bracket, column, alpha=scale)
     if bracket is None:
         return fp.zero_()
     return fp.mul_(bracket)
@@ -202,7 +204,9 @@ class TorchEncodeFunction(torch.autograd.Function):
         if ctx.noise is not None:
             x, keep = draw(x, ctx.noise, ctx.rank)
 
-        delta = _delta(act, as_dtype(h, acc), n, g_h, g_contractive, g_rho_hat, g_l1, scale)
+        # 2 g_C scale: the factor of both contractive terms, f' f'' n in delta and s W in dW.
+        c2 = None if g_contractive is None else as_dtype(g_contractive, acc) * (2 * scale)
+        delta = _delta(act, as_dtype(h, acc), n, g_h, c2, g_rho_hat, g_l1, scale)
         delta = as_dtype(delta, x.dtype)
 
         grad_x = grad_w = grad_b = None
@@ -213,13 +217,12 @@ class TorchEncodeFunction(torch.autograd.Function):
                 grad_x = grad_x.mul_(keep)
         # grad w.r.t. weight: delta^T x plus the term through the row norms n_j
         if need_w:
-            if g_contractive is not None:
+            if c2 is not None:
                 # NOTE: the n_j term, W scaled by row, is written first and the matmul adds
                 # delta^T x into it in place (beta = 1): one (H, D) pass and no copy. The other
                 # orders cost a pass more: addcmul_ on the matmul's output reads that output
                 # again, and addmm(W * coef, ...) copies W * coef into a fresh output first.
-                coef = s * (as_dtype(g_contractive, acc) * (2 * scale))
-                grad_w = torch.mul(weight, as_dtype(coef, weight.dtype).unsqueeze(1))
+                grad_w = torch.mul(weight, as_dtype(s * c2, weight.dtype).unsqueeze(1))
                 grad_w.addmm_(delta.t(), x)
             else:
                 grad_w = torch.mm(delta.t(), x)
