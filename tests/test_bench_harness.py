@@ -71,6 +71,29 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
     assert candidates["fastae-torch"]["forward_backward"]["vs_fastae"] == pytest.approx(1.0)
     # torch.func refuses saved_tensors_hooks: the Jacobian's bytes are marked, not invented.
     assert "saved_bytes_not_measured" in candidates["jacobian"]
+    # Far below fastae.functional.cpu_linear.MIN_ONEDNN_MACS: torch's matmul.
+    assert [case["forward_gemm"] for case in document["cases"]] == ["torch.matmul"] * 2
+
+
+def test_floor_runs_the_forward_matmul_of_the_pytorch_path(monkeypatch):
+    # The floor times x W^T and delta^T x through the GEMMs fastae's PyTorch path uses, so that
+    # the path is never measured against a slower floor than its own matmul.
+    calls = []
+    real_linear = bench.linear
+
+    def spy(x, weight):
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return real_linear(x, weight)
+
+    monkeypatch.setattr(bench, "linear", spy)
+    case = bench.make_case((6, 5, 4), bench.DTYPES["fp32"], "cpu")
+    forward, forward_backward = bench.build("floor", case, "cpu")
+    a = forward()
+    _, grad_w = forward_backward()
+    assert calls == [((6, 5), (4, 5))] * 2
+    x, weight, _, _, delta = case.inputs
+    torch.testing.assert_close(a, x @ weight.detach().t())
+    torch.testing.assert_close(grad_w, delta.t() @ x)
 
 
 def test_jacobian_left_out_of_large_shapes():
