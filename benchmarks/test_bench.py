@@ -42,7 +42,7 @@ def _synchronized(fn):
 def test_forward_backward(benchmark, name, shape, dtype):
     case = bench.make_case(shape, bench.DTYPES[dtype], DEVICE)
     forward, forward_backward = bench.build(name, case, DEVICE)
-    if name != "floor":
+    if not name.startswith("floor"):
         want = bench.eager_loss(*case.inputs[:4]).item()
         got = forward().item()
         # fp32 sums over B x H terms agree to ~1e-6 relative; bf16 codes to ~1e-2.

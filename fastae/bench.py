@@ -19,6 +19,9 @@ and are timed for the forward alone and for forward + backward (x needs no gradi
                   fastae's PyTorch path (oneDNN for x W^T on a CPU where that path uses it, see
                   fastae.functional.cpu_linear; torch's matmul otherwise), so that no candidate
                   runs a faster GEMM than the floor
+    floor-matmul  (CPU only) the same bare matmuls through torch's matmul (x @ W.t(), MKL in
+                  PyTorch's CPU build), for comparison: what the floor is where the PyTorch path
+                  does not take oneDNN
 
 Timing: warm-ups first, then rounds in which every candidate runs once in turn (interleaved, so
 that drift of the machine's clock or load hits all alike), in an order shuffled anew each round
@@ -64,7 +67,9 @@ from fastae.reference import jacobian_penalty
 CPU_SHAPES = ((256, 784, 512), (1024, 784, 1024), (4096, 64, 256))
 GPU_SHAPES = CPU_SHAPES + ((4096, 1024, 4096), (8192, 4096, 16384))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CANDIDATES = ("jacobian", "eager", "compile", "fastae-torch", "fastae-triton", "floor")
+CANDIDATES = (
+    "jacobian", "eager", "compile", "fastae-torch", "fastae-triton", "floor", "floor-matmul"
+)  # fmt: skip
 # The modes torch.compile accepts.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -177,8 +182,10 @@ def compile_mode(device: str) -> str:
 
 def device_candidates(device: str) -> list[str]:
     """The candidates that can run on this device at some shape, in the order of CANDIDATES."""
-    # Triton on a CPU only runs in its interpreter, which times numpy, not a kernel.
-    return [n for n in CANDIDATES if n != "fastae-triton" or device == "cuda"]
+    # Triton on a CPU only runs in its interpreter, which times numpy, not a kernel. On CUDA the
+    # floor is torch's matmul already.
+    left_out = "floor-matmul" if device == "cuda" else "fastae-triton"
+    return [n for n in CANDIDATES if n != left_out]
 
 
 def available_candidates(device: str, shape: tuple[int, int, int]) -> list[str]:
@@ -190,16 +197,17 @@ def available_candidates(device: str, shape: tuple[int, int, int]) -> list[str]:
 def build(name: str, case: Case, device: str, compile_mode_: str | None = None):
     """(forward, forward_backward) callables of one candidate; forward returns the loss."""
     x, weight, bias, g, delta = case.inputs
-    if name == "floor":
+    if name in ("floor", "floor-matmul"):
         x_, w_ = x.detach(), weight.detach()
+        forward_matmul = linear if name == "floor" else lambda x, w: x @ w.t()
 
         def floor_forward():
             with torch.no_grad():
-                return linear(x_, w_)
+                return forward_matmul(x_, w_)
 
         def floor_forward_backward():
             with torch.no_grad():
-                return linear(x_, w_), delta.t() @ x_
+                return forward_matmul(x_, w_), delta.t() @ x_
 
         return floor_forward, floor_forward_backward
 
@@ -322,7 +330,7 @@ def bench_case(
             for _ in range(warmup if name != "jacobian" else 1):
                 forward()
                 forward_backward()
-            if name != "floor":
+            if not name.startswith("floor"):
                 result.max_abs_error = _check(forward, reference)
                 tolerance = loss_tolerance(dtype, reference)
                 result.loss_matches = result.max_abs_error <= tolerance
@@ -524,6 +532,12 @@ def check_targets(records: list[dict[str, object]], device: str) -> list[dict[st
                 other = _median(record, base)
                 ratio = fast / other if fast and other else None
                 add(f"{where}: fastae-torch fwd+bwd / {base} <= {limit}", ratio, limit)
+            matmul = _median(record, "floor-matmul")
+            targets.append(
+                {"target": f"{where}: fastae-torch fwd+bwd / floor-matmul (no limit: the floor "
+                 "through torch's matmul, for comparison)",
+                 "value": fast / matmul if fast and matmul else None, "limit": None, "met": None}
+            )  # fmt: skip
             for name, limit in (("fastae-torch", 1.1), ("eager", None)):
                 entry = record["candidates"].get(name, {})
                 value = entry.get("saved_vs_h")

@@ -94,6 +94,11 @@ def test_floor_runs_the_forward_matmul_of_the_pytorch_path(monkeypatch):
     x, weight, _, _, delta = case.inputs
     torch.testing.assert_close(a, x @ weight.detach().t())
     torch.testing.assert_close(grad_w, delta.t() @ x)
+    # floor-matmul: the same products through torch's matmul, never through fastae's route.
+    forward, forward_backward = bench.build("floor-matmul", case, "cpu")
+    assert torch.equal(forward(), x @ weight.detach().t())
+    assert torch.equal(forward_backward()[1], delta.t() @ x)
+    assert len(calls) == 2
 
 
 def test_jacobian_left_out_of_large_shapes():
@@ -101,6 +106,9 @@ def test_jacobian_left_out_of_large_shapes():
     assert "jacobian" not in bench.available_candidates("cpu", (1024, 784, 1024))
     assert "fastae-triton" not in bench.available_candidates("cpu", (256, 784, 512))
     assert "fastae-triton" in bench.available_candidates("cuda", (256, 784, 512))
+    # On CUDA the floor is torch's matmul already; floor-matmul is the CPU's comparison.
+    assert "floor-matmul" in bench.available_candidates("cpu", (256, 784, 512))
+    assert "floor-matmul" not in bench.available_candidates("cuda", (256, 784, 512))
 
 
 @pytest.mark.parametrize(
@@ -198,10 +206,14 @@ def test_targets_on_cpu():
     record = _record(
         (256, 784, 512),
         "fp32",
-        {"fastae-torch": 3.0, "eager": 4.0, "compile": 2.5, "floor": 2.0},
+        {"fastae-torch": 3.0, "eager": 4.0, "compile": 2.5, "floor": 2.0, "floor-matmul": 2.4},
         {"fastae-torch": 1.02, "eager": 4.02},
     )
     targets = {t["target"].split(": ", 1)[1]: t for t in bench.check_targets([record], "cpu")}
+    (matmul,) = [
+        t for name, t in targets.items() if name.startswith("fastae-torch fwd+bwd / floor-")
+    ]
+    assert matmul["value"] == pytest.approx(1.25) and matmul["met"] is None
     assert targets["fastae-torch fwd+bwd / eager <= 0.85"]["value"] == pytest.approx(0.75)
     assert targets["fastae-torch fwd+bwd / eager <= 0.85"]["met"] is True
     assert targets["fastae-torch fwd+bwd / compile <= 1.0"]["value"] == pytest.approx(1.2)
