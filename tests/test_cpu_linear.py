@@ -5,6 +5,10 @@ and only the fallback runs; the torch builds CI installs have it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,7 @@ from fastae.activations import ACTIVATIONS
 from fastae.functional import cpu_linear
 
 needs_onednn = pytest.mark.skipif(
-    not cpu_linear._onednn_works(),
+    not cpu_linear._onednn_works(torch.float32),
     reason="this torch has no working oneDNN linear; the fallback is tested by the other tests",
 )
 
@@ -49,7 +53,7 @@ def test_fused_route_matches_float64(name, shape, onednn_at_any_size):
 
 @needs_onednn
 def test_relu_and_identity_are_the_plain_matmul(onednn_at_any_size):
-    # No approximation in these post-ops: relu of the oneDNN matmul equals relu applied after it.
+    # identity is the bare oneDNN matmul, and relu is torch.relu applied after it.
     x, weight, bias = encoder_case(40, 24, 9, dtype=torch.float32)
     a = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS["identity"])
     h = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS["relu"])
@@ -58,6 +62,11 @@ def test_relu_and_identity_are_the_plain_matmul(onednn_at_any_size):
 
 
 @needs_onednn
+@pytest.mark.skipif(
+    not cpu_linear._onednn_works(torch.bfloat16),
+    reason="this CPU has no bfloat16 matmul in oneDNN; test_bfloat16_where_the_cpu_lacks_it "
+    "covers the fallback",
+)
 def test_bfloat16_route(onednn_at_any_size):
     x, weight, bias = encoder_case(16, 12, 10, dtype=torch.bfloat16)
     assert cpu_linear.onednn_used(x, weight)
@@ -137,3 +146,82 @@ def test_small_matmuls_take_torch_matmul():
     assert cpu_linear.onednn_used(scalar.expand(64, 64), scalar.expand(hidden, 64))
     assert not cpu_linear.onednn_used(scalar.expand(64, 64), scalar.expand(hidden - 1, 64))
     assert not cpu_linear.onednn_used(torch.ones(8, 4), torch.ones(3, 4))
+
+
+@needs_onednn
+@pytest.mark.parametrize("route", ["onednn", "torch.matmul"])
+@pytest.mark.parametrize("name", ACTIVATION_NAMES)
+def test_nan_in_x_gives_nan_codes(name, route, onednn_at_any_size, monkeypatch):
+    # A NaN input (a diverged run) must show in h on every route: oneDNN's relu post-op would
+    # have made it 0.
+    if route == "torch.matmul":
+        monkeypatch.setenv("FASTAE_ONEDNN", "0")
+    x, weight, bias = encoder_case(6, 10, 8, dtype=torch.float32)
+    x[2, 3] = float("nan")
+    assert cpu_linear.onednn_used(x, weight) == (route == "onednn")
+    h = cpu_linear.linear_activation(x, weight, bias, ACTIVATIONS[name])
+    assert h[2].isnan().all()
+    assert h[torch.arange(6) != 2].isfinite().all()
+    _, stats = fastae.encode(x, weight, bias, name, backend="torch")
+    assert stats.rho_hat.isnan().all() and stats.l1.isnan()
+    # f' of relu and identity is read off the sign of h (no term at all for identity), as
+    # torch's own relu backward does: their penalty stays finite, the rest of the loss does not.
+    assert stats.contractive.isnan() == (name not in ("relu", "identity"))
+
+
+def test_bfloat16_where_the_cpu_lacks_it(tmp_path):
+    # oneDNN limited to AVX2, which has no bfloat16 matmul on most CPUs: the probe in bfloat16
+    # fails and encode takes torch's matmul instead of raising oneDNN's "could not create a
+    # primitive descriptor". float32 keeps the oneDNN route.
+    script = tmp_path / "avx2.py"
+    script.write_text(
+        "import os, torch, fastae\n"
+        "from fastae.functional import cpu_linear\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "x = torch.rand(64, 512, generator=gen).bfloat16()\n"
+        "w = (torch.randn(512, 512, generator=gen) / 23).bfloat16()\n"
+        "h, stats = fastae.encode(x, w, None, backend='torch')\n"
+        "os.environ['FASTAE_ONEDNN'] = '0'\n"
+        "h0, stats0 = fastae.encode(x, w, None, backend='torch')\n"
+        "torch.testing.assert_close(h, h0, rtol=0, atol=4e-3)\n"
+        "torch.testing.assert_close(stats.contractive, stats0.contractive, rtol=1e-2, atol=0)\n"
+        "print(True, cpu_linear._onednn_works(torch.float32))\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "FASTAE_ONEDNN": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    _bf16, fp32 = done.stdout.split()
+    assert fp32 == str(cpu_linear._onednn_works(torch.float32))
+
+
+@pytest.mark.parametrize("value", ["off", "false", "2", " 0"])
+def test_environment_variable_takes_only_0_or_1(value, monkeypatch):
+    monkeypatch.setenv("FASTAE_ONEDNN", value)
+    x, weight = torch.ones(64, 512), torch.ones(512, 512)
+    with pytest.raises(ValueError, match=rf"FASTAE_ONEDNN: got {value!r}, expected '0' or '1'"):
+        fastae.encode(x, weight, backend="torch")
+
+
+@needs_onednn
+def test_compiled_encode_matches_eager(onednn_at_any_size):
+    # Inductor cannot lower oneDNN's op inside a training graph: under torch.compile the PyTorch
+    # path gives F.linear and the activation to Inductor to fuse, and the result is the eager one.
+    x, weight, bias = encoder_case(32, 24, 16, dtype=torch.float32)
+
+    def loss(w, b):
+        h, stats = fastae.encode(x, w, b, "sigmoid", backend="torch")
+        return h.square().sum() + stats.contractive + stats.rho_hat.sum() + stats.l1
+
+    def run(fn):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        value = fn(w, b)
+        value.backward()
+        return value, w.grad, b.grad
+
+    assert cpu_linear.onednn_used(x, weight)
+    compiled = run(torch.compile(loss))
+    eager = run(loss)
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -10,14 +10,19 @@ autograd never sees it and the backward stays the hand-written one.
 
 It is used when all of these hold, and F.linear plus the activation otherwise:
 
-- the tensors are on the CPU, in float32 or bfloat16 (oneDNN refuses float64, and float16 is
-  not supported on most CPUs);
-- the activation is one oneDNN has as a post-op: sigmoid, tanh, relu, identity (softplus is
-  applied afterwards, in its exact form from fastae.activations);
-- torch was built with oneDNN, ``torch.backends.mkldnn`` is enabled, and the op answered a
-  probe call correctly the first time it was needed;
+- the tensors are on the CPU, in float32 or bfloat16 (oneDNN refuses
+  float64, and float16 is not supported on most CPUs), and oneDNN's linear answered a probe
+  call in that dtype correctly the first time it was needed (bfloat16 needs AVX-512 BF16 or
+  AMX, or it refuses to build the primitive);
+- torch was built with oneDNN and ``torch.backends.mkldnn`` is enabled;
 - the matmul has at least MIN_ONEDNN_MACS multiply-adds (see the NOTE at that constant);
+- torch.compile is not tracing the call: Inductor cannot lower this op inside a training graph
+  (it does its own fusion of F.linear and the activation instead);
 - the environment variable FASTAE_ONEDNN is not "0".
+
+The activation is fused as a post-op for sigmoid, tanh and identity. relu and softplus are
+applied afterwards, in place: oneDNN's relu post-op is max(a, 0), which turns a NaN into 0 and
+would hide a diverging run that torch.relu (and every other route of fastae) shows.
 
 NOTE: on the README's 2-core AMD EPYC (torch 2.13.0, float32), linear + sigmoid took 1.41 ms
 through MKL and 1.10 ms fused through oneDNN at (B, D, H) = (256, 784, 512), 11.6 against
@@ -41,13 +46,15 @@ from torch import Tensor
 
 from fastae.activations import Activation
 
-# The activations oneDNN applies as a post-op of its matmul, by fastae name.
-_POST_OPS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "identity": "none"}
+# The activations oneDNN applies as a post-op of its matmul, by fastae name; not relu, whose
+# post-op maps NaN to 0 (see the module docstring).
+_POST_OPS = {"sigmoid": "sigmoid", "tanh": "tanh", "identity": "none"}
 
 # Activations whose torch op exists in place on a fresh pre-activation tensor.
 _IN_PLACE = {"sigmoid": Tensor.sigmoid_, "tanh": Tensor.tanh_, "relu": Tensor.relu_}
 
-# The dtypes oneDNN's CPU matmul takes on every x86 CPU with AVX-512 or AVX2.
+# The dtypes oneDNN's CPU matmul can take: float32 everywhere, bfloat16 where the CPU has it
+# (the probe tells).
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 # NOTE: oneDNN's call costs about 15 us more than addmm's whatever the size (primitive lookup
@@ -59,20 +66,31 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 MIN_ONEDNN_MACS = 2**24
 
 
-@functools.lru_cache(maxsize=1)
-def _onednn_works() -> bool:
-    """Whether torch has oneDNN's fused linear and it gives the right answer (probed once)."""
+@functools.cache
+def _onednn_works(dtype: torch.dtype) -> bool:
+    """Whether torch has oneDNN's fused linear for dtype and it gives the right answer (probed
+    once per dtype)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        x = torch.tensor([[1.0, 2.0]])
-        weight = torch.tensor([[0.5, -0.25], [1.0, 1.0]])
-        bias = torch.tensor([0.0, -3.0])
-        h = op(x, weight, bias, "relu", [], "")
+        x = torch.tensor([[1.0, 2.0]], dtype=dtype)
+        weight = torch.tensor([[0.5, -0.25], [1.0, 1.0]], dtype=dtype)
+        bias = torch.tensor([0.0, -4.0], dtype=dtype)
+        h = op(x, weight, bias, "sigmoid", [], "")
     except (AttributeError, RuntimeError, TypeError):
         return False
-    return h.shape == (1, 2) and h.tolist() == [[0.0, 0.0]]
+    # sigmoid(0) and sigmoid(-1), each within a bfloat16 ulp.
+    want = [[0.5, 0.2689414213699951]]
+    return h.shape == (1, 2) and torch.allclose(h.float(), torch.tensor(want), atol=4e-3)
+
+
+def _enabled_by_environment() -> bool:
+    """FASTAE_ONEDNN: "0" turns the route off, "1" or unset leaves it on."""
+    value = os.environ.get("FASTAE_ONEDNN", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"FASTAE_ONEDNN: got {value!r}, expected '0' or '1' (or unset)")
+    return value != "0"
 
 
 def onednn_used(x: Tensor, weight: Tensor) -> bool:
@@ -81,9 +99,10 @@ def onednn_used(x: Tensor, weight: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype in _ONEDNN_DTYPES
         and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_ONEDNN_MACS
-        and os.environ.get("FASTAE_ONEDNN", "1") != "0"
+        and not torch.compiler.is_compiling()
+        and _enabled_by_environment()
         and torch.backends.mkldnn.enabled
-        and _onednn_works()
+        and _onednn_works(x.dtype)
     )
 
 
@@ -94,10 +113,12 @@ def linear_activation(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activ
         x: (B, D); weight: (H, D); bias: (H,) or None; act: the activation f.
     """
     if onednn_used(x, weight):
-        post_op = _POST_OPS.get(act.name, "none")
-        a_or_h = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "")
-        return a_or_h if act.name in _POST_OPS else act.forward(a_or_h)
-    a = F.linear(x, weight, bias)
+        post_op = _POST_OPS.get(act.name)
+        a = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op or "none", [], "")
+        if post_op is not None:
+            return a  # f(x W^T + b) already
+    else:
+        a = F.linear(x, weight, bias)
     # a is a fresh tensor of ours: apply f in place rather than allocating h next to it.
     in_place = _IN_PLACE.get(act.name)
     return in_place(a) if in_place is not None else act.forward(a)
