@@ -23,6 +23,14 @@ def ok():
         ({"bias": torch.zeros(4, dtype=torch.float64)}, r"bias: got dtype torch.float64"),
         ({"weight": torch.zeros(4, 3, device="meta")}, r"weight: got device meta"),
         ({"x": [[0.0, 0.0, 0.0]]}, r"x: got list, expected a torch.Tensor"),
+        (
+            {"x": torch.zeros(2, 3).to_sparse()},
+            r"x: got layout torch.sparse_coo, expected a dense \(strided\) tensor",
+        ),
+        (
+            {"weight": torch.zeros(4, 3).to_sparse_csr()},
+            r"weight: got layout torch.sparse_csr, expected a dense \(strided\) tensor",
+        ),
         ({"activation": "gelu"}, r"activation: got 'gelu', expected one of"),
         ({"backend": "cuda"}, r"backend: got 'cuda', expected one of auto, torch, triton"),
     ],

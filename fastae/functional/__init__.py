@@ -19,11 +19,13 @@ import torch
 from torch import Tensor
 
 from fastae.activations import get_activation
+from fastae.functional.checks import autocast_inputs
 from fastae.functional.checks import check_encode_args
 from fastae.functional.checks import check_reduction
 from fastae.functional.checks import check_rho
 from fastae.functional.checks import check_tensor
 from fastae.functional.checks import stats_dtype
+from fastae.functional.checks import without_autocast
 from fastae.functional.deep import DeepEncodeResult
 from fastae.functional.deep import DeepPenalty
 from fastae.functional.deep import deep_contractive_penalty
@@ -112,9 +114,11 @@ def encode(
 
     Returns:
         h of shape (*, H) in the dtype of x, and EncodeStats(contractive, rho_hat, l1) in fp32
-        (fp64 for fp64 inputs), each a mean over the batch.
+        (fp64 for fp64 inputs), each a mean over the batch. Inside torch.autocast, x, weight and
+        bias are first cast to autocast's dtype, as F.linear's would be, so h comes out in it.
     """
     act = get_activation(activation)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_encode_args(x, weight, bias)
     check_noise(noise)
     # (*, D) inputs are flattened into (B, D); a plain (B, D) input skips the two reshapes.
@@ -122,15 +126,13 @@ def encode(
     x2 = x if flat else x.reshape(-1, x.shape[-1])
 
     if resolve_backend(backend, x.device) == "triton":
-        from fastae.functional.triton_encode import TritonEncodeFunction
-
-        h, contractive, rho_hat, l1 = TritonEncodeFunction.apply(
-            x2, weight, bias, act, process_group, noise
-        )
+        from fastae.functional.triton_encode import TritonEncodeFunction as Function
     else:
-        h, contractive, rho_hat, l1 = TorchEncodeFunction.apply(
-            x2, weight, bias, act, process_group, noise
-        )
+        Function = TorchEncodeFunction
+    # Inside torch.autocast the inputs are in its dtype already; the statistics' float32
+    # reductions inside are not autocast's to lower.
+    with without_autocast(x.device):
+        h, contractive, rho_hat, l1 = Function.apply(x2, weight, bias, act, process_group, noise)
     if not flat:
         h = h.reshape(*x.shape[:-1], weight.shape[0])
     return h, EncodeStats(contractive, rho_hat, l1)

@@ -3,6 +3,8 @@ and what was expected."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,53 @@ def check_tensor(name: str, value: object) -> Tensor:
         raise TypeError(
             f"{name}: got dtype {value.dtype}, expected one of float16, bfloat16, float32, float64"
         )
+    if value.layout != torch.strided:
+        # Sparse inputs would pass a forward and fail in the backward's matmuls.
+        raise TypeError(
+            f"{name}: got layout {value.layout}, expected a dense (strided) tensor: call "
+            ".to_dense() first"
+        )
     return value
+
+
+# The dtypes torch.autocast casts to its own for a matmul (float64 it leaves alone).
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(kind: str) -> torch.dtype | None:
+    """torch.autocast's dtype where it is on for this device type, else None."""
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_inputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Inside torch.autocast for x's device, x, weight and bias cast to autocast's dtype, as
+    autocast casts the arguments of F.linear; unchanged outside it.
+
+    The casts are differentiable: gradients reach float32 weights in float32. Anything that is
+    not a tensor, or not a float16/bfloat16/float32 one, is passed through for
+    check_encode_args to judge.
+    """
+    dtype = _autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if dtype is None:
+        return x, weight, bias
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with torch.autocast off for device, for computations that keep the dtypes they
+    chose (statistics accumulated in float32 must not have their matmuls lowered to autocast's
+    dtype); a no-op where autocast is off already."""
+    if _autocast_dtype(device.type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def check_encode_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:

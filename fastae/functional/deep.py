@@ -44,9 +44,11 @@ import torch
 from torch import Tensor
 
 from fastae.activations import get_activation
+from fastae.functional.checks import autocast_inputs
 from fastae.functional.checks import check_encode_args
 from fastae.functional.checks import check_tensor
 from fastae.functional.checks import stats_dtype
+from fastae.functional.checks import without_autocast
 from fastae.functional.stats import EncodeStats
 
 __all__ = [
@@ -332,14 +334,16 @@ def deep_contractive_penalty(
     widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     method, side, probes_k = choose_method(batch, widths, penalty=penalty, k=k, side=side)
 
+    # In float32 (acc) even inside torch.autocast, like every statistic of fastae.
+    with without_autocast(derivs[0].device):
+        if method == "estimate":
+            per_sample = _estimate(derivs, weights, probes_k, generator, probes)
+        elif side == "code":
+            per_sample = _exact_code_side(derivs, weights)
+        else:
+            per_sample = _exact_input_side(derivs, weights)
     if method == "estimate":
-        per_sample = _estimate(derivs, weights, probes_k, generator, probes)
         return DeepPenalty(per_sample.mean(), "estimate", "input", probes_k)
-
-    if side == "code":
-        per_sample = _exact_code_side(derivs, weights)
-    else:
-        per_sample = _exact_input_side(derivs, weights)
     return DeepPenalty(per_sample.mean(), "exact", side, 0)
 
 
@@ -383,6 +387,8 @@ def deep_encode(
 
     codes, stats = [], []
     for i, (weight, bias, activation) in enumerate(checked):
+        # Inside torch.autocast the previous code is in autocast's dtype and weight may not be.
+        h, weight, bias = autocast_inputs(h, weight, bias)
         try:
             check_encode_args(h, weight, bias)
         except (TypeError, ValueError) as error:
