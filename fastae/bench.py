@@ -638,6 +638,14 @@ def plot(records: list[dict[str, object]], info: dict[str, object], path: Path) 
     plt.close(fig)
 
 
+def _each_once(items: list, spelled: list[str]) -> list:
+    """items, refusing one listed twice (it would be timed twice and named twice in the file)."""
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise argparse.ArgumentTypeError(f"got {spelled[i]!r} twice, expected each once")
+    return items
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     shapes = []
     for item in text.split(","):
@@ -647,7 +655,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
                 f"got {item!r}, expected BxDxH with positive integers, e.g. 256x784x512"
             )
         shapes.append(tuple(int(p) for p in parts))
-    return shapes
+    return _each_once(shapes, text.split(","))
 
 
 def _names_from(allowed) -> Callable[[str], list[str]]:
@@ -660,7 +668,7 @@ def _names_from(allowed) -> Callable[[str], list[str]]:
                 raise argparse.ArgumentTypeError(
                     f"got {name!r}, expected a comma-separated list of {', '.join(allowed)}"
                 )
-        return names
+        return _each_once(names, names)
 
     return parse
 

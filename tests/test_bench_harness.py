@@ -115,7 +115,16 @@ def test_jacobian_left_out_of_large_shapes():
     ("argv", "message"),
     [
         (["--shapes", "256x784"], "argument --shapes: got '256x784', expected BxDxH"),
+        (
+            ["--shapes", "8x8x8,16x8x8,8X8x8"],
+            "argument --shapes: got '8X8x8' twice, expected each once",
+        ),
         (["--dtype", "fp8"], "argument --dtype: got 'fp8', expected"),
+        (["--dtype", "fp32,fp32"], "argument --dtype: got 'fp32' twice, expected each once"),
+        (
+            ["--candidates", "floor,eager,floor"],
+            "argument --candidates: got 'floor' twice, expected each once",
+        ),
         (["--candidates", "numpy"], "argument --candidates: got 'numpy', expected"),
         (["--threads", "0"], "argument --threads: got '0', expected an integer >= 1"),
         (["--threads", "-2"], "argument --threads: got '-2', expected an integer >= 1"),
