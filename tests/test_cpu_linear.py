@@ -205,6 +205,8 @@ def test_environment_variable_takes_only_0_or_1(value, monkeypatch):
 
 
 @needs_onednn
+# Inductor's own use of torch.jit, not fastae's.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_encode_matches_eager(onednn_at_any_size):
     # Inductor cannot lower oneDNN's op inside a training graph: under torch.compile the PyTorch
     # path gives F.linear and the activation to Inductor to fuse, and the result is the eager one.

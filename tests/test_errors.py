@@ -28,8 +28,8 @@ def ok():
             r"x: got layout torch.sparse_coo, expected a dense \(strided\) tensor",
         ),
         (
-            {"weight": torch.zeros(4, 3).to_sparse_csr()},
-            r"weight: got layout torch.sparse_csr, expected a dense \(strided\) tensor",
+            {"weight": torch.zeros(4, 3).to_sparse()},
+            r"weight: got layout torch.sparse_coo, expected a dense \(strided\) tensor",
         ),
         ({"activation": "gelu"}, r"activation: got 'gelu', expected one of"),
         ({"backend": "cuda"}, r"backend: got 'cuda', expected one of auto, torch, triton"),
