@@ -15,9 +15,11 @@ from torch.func import jacrev
 from torch.func import vmap
 
 from fastae.activations import get_activation
+from fastae.functional.checks import autocast_inputs
 from fastae.functional.checks import check_encode_args
 from fastae.functional.checks import check_reduction
 from fastae.functional.checks import stats_dtype
+from fastae.functional.checks import without_autocast
 from fastae.functional.stats import EncodeStats
 
 
@@ -63,6 +65,8 @@ def encode(
     if process_group is not None:
         raise ValueError("process_group: got a group, expected None (the reference is local)")
     act = get_activation(activation)
+    # Inside torch.autocast: the reference of the cast inputs, with autocast off.
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_encode_args(x, weight, bias)
     acc = stats_dtype(x.dtype)
     lead = x.shape[:-1]
@@ -72,14 +76,15 @@ def encode(
         a = inputs @ w.t()
         return act.forward(a + b if b is not None else a)
 
-    h = layer(x2, weight, bias)
-    # The Jacobian is taken in the accumulation dtype (fp32 for half inputs).
-    w_acc = weight.to(acc)
-    b_acc = bias.to(acc) if bias is not None else None
-    contractive = jacobian_penalty(lambda inputs: layer(inputs, w_acc, b_acc), x2.to(acc))
-    h_acc = h.to(acc)
-    rho_hat = h_acc.mean(0)
-    l1 = h_acc.abs().sum(1).mean()
+    with without_autocast(x.device):
+        h = layer(x2, weight, bias)
+        # The Jacobian is taken in the accumulation dtype (fp32 for half inputs).
+        w_acc = weight.to(acc)
+        b_acc = bias.to(acc) if bias is not None else None
+        contractive = jacobian_penalty(lambda inputs: layer(inputs, w_acc, b_acc), x2.to(acc))
+        h_acc = h.to(acc)
+        rho_hat = h_acc.mean(0)
+        l1 = h_acc.abs().sum(1).mean()
     return h.reshape(*lead, weight.shape[0]), EncodeStats(contractive, rho_hat, l1)
 
 
@@ -93,6 +98,7 @@ def contractive_penalty(
     """The contractive penalty from explicit Jacobians (see fastae.contractive_penalty), in the
     same dtype as the fast path's: fp32 for half inputs, fp64 for fp64."""
     act = get_activation(activation)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_encode_args(x, weight, bias)
     # As in encode above: the Jacobian is taken in the accumulation dtype.
     acc = stats_dtype(x.dtype)
@@ -103,6 +109,7 @@ def contractive_penalty(
         a = inputs @ w_acc.t()
         return act.forward(a + b_acc if b_acc is not None else a)
 
-    penalty = jacobian_penalty(layer, x.reshape(-1, x.shape[-1]).to(acc), reduction)
+    with without_autocast(x.device):
+        penalty = jacobian_penalty(layer, x.reshape(-1, x.shape[-1]).to(acc), reduction)
     # Per-sample values in the shape of x without its last dimension, as the fast path gives.
     return penalty.reshape(x.shape[:-1]) if reduction == "none" else penalty

@@ -96,3 +96,41 @@ def test_deep_encode_under_autocast_takes_the_lowered_codes():
     # bfloat16 codes: about 2^-8 relative in each factor of the Jacobian.
     torch.testing.assert_close(result.penalty.value, want.penalty.value, rtol=2e-2, atol=0)
     torch.testing.assert_close(result.h.float(), want.h, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("low", [LOW, torch.float16])
+def test_per_sample_contractive_penalty_under_autocast(low):
+    x, weight, bias = encoder_case(12, 10, 6, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=low):
+        per_sample = fastae.contractive_penalty(x, weight, bias, reduction="none")
+        mean = fastae.contractive_penalty(x, weight, bias)
+    want = fastae.contractive_penalty(x.to(low), weight.to(low), bias.to(low), reduction="none")
+    assert per_sample.dtype == torch.float32 and per_sample.shape == (12,)
+    assert torch.equal(per_sample, want)
+    torch.testing.assert_close(per_sample.mean(), mean, rtol=1e-6, atol=0)
+
+
+def test_reference_under_autocast_is_the_reference_of_the_cast_inputs():
+    x, weight, bias = encoder_case(6, 5, 4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=LOW):
+        h, stats = fastae.reference.encode(x, weight, bias, "tanh")
+        penalty = fastae.reference.contractive_penalty(x, weight, bias, "tanh", reduction="none")
+    want_h, want_stats = fastae.reference.encode(x.to(LOW), weight.to(LOW), bias.to(LOW), "tanh")
+    assert h.dtype == LOW and torch.equal(h, want_h)
+    for got, want in zip(stats, want_stats, strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    want_penalty = fastae.reference.contractive_penalty(
+        x.to(LOW), weight.to(LOW), bias.to(LOW), "tanh", reduction="none"
+    )
+    assert torch.equal(penalty, want_penalty)
+
+
+def test_float64_beside_float32_under_autocast_names_the_dtypes_passed():
+    x, weight, bias = encoder_case(4, 3, 2, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=LOW):
+        with pytest.raises(
+            TypeError,
+            match=r"weight: got dtype torch.float32, expected the dtype of x, "
+            r"torch.float64",
+        ):
+            fastae.encode(x.double(), weight, bias)

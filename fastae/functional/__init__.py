@@ -198,11 +198,13 @@ def contractive_penalty(
         count = x.reshape(-1, x.shape[-1]).shape[0] if x.dim() >= 1 else 1
         return stats.contractive if reduction == "mean" else stats.contractive * count
 
-    # Per-sample values: plain autograd of the closed form.
+    # Per-sample values: plain autograd of the closed form, under autocast as encode is.
     act = get_activation(activation)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_encode_args(x, weight, bias)
     acc = stats_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    a = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-    fp = act.d1(act.forward(a).to(acc))
-    return ((fp * fp) @ weight.to(acc).square().sum(1)).reshape(x.shape[:-1])
+    with without_autocast(x.device):
+        a = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        fp = act.d1(act.forward(a).to(acc))
+        return ((fp * fp) @ weight.to(acc).square().sum(1)).reshape(x.shape[:-1])

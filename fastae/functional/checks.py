@@ -18,8 +18,10 @@ def check_tensor(name: str, value: object) -> Tensor:
         raise TypeError(
             f"{name}: got dtype {value.dtype}, expected one of float16, bfloat16, float32, float64"
         )
+    # Sparse and nested tensors would pass some forwards and fail deep inside torch later.
+    if value.is_nested:
+        raise TypeError(f"{name}: got a nested tensor, expected a dense (strided) tensor")
     if value.layout != torch.strided:
-        # Sparse inputs would pass a forward and fail in the backward's matmuls.
         raise TypeError(
             f"{name}: got layout {value.layout}, expected a dense (strided) tensor: call "
             ".to_dense() first"
@@ -44,18 +46,17 @@ def autocast_inputs(
     """Inside torch.autocast for x's device, x, weight and bias cast to autocast's dtype, as
     autocast casts the arguments of F.linear; unchanged outside it.
 
-    The casts are differentiable: gradients reach float32 weights in float32. Anything that is
-    not a tensor, or not a float16/bfloat16/float32 one, is passed through for
-    check_encode_args to judge.
+    The casts are differentiable: gradients reach float32 weights in float32. Unless all three
+    are float16, bfloat16 or float32 tensors (bias may be None), nothing is cast: float64 is
+    not autocast's to lower, and check_encode_args then names the dtypes that were passed.
     """
     dtype = _autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
     if dtype is None:
         return x, weight, bias
-
-    def cast(t):
-        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
-
-    return cast(x), cast(weight), cast(bias)
+    given = (x, weight) if bias is None else (x, weight, bias)
+    if not all(isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE for t in given):
+        return x, weight, bias
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
