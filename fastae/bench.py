@@ -60,6 +60,7 @@ from torch import Tensor
 
 import fastae
 from fastae.functional import triton_usable
+from fastae.functional.cpu_linear import enabled_by_environment
 from fastae.functional.cpu_linear import linear
 from fastae.functional.cpu_linear import onednn_used
 from fastae.reference import jacobian_penalty
@@ -642,7 +643,12 @@ def _each_once(items: list, spelled: list[str]) -> list:
     """items, refusing one listed twice (it would be timed twice and named twice in the file)."""
     for i, item in enumerate(items):
         if item in items[:i]:
-            raise argparse.ArgumentTypeError(f"got {spelled[i]!r} twice, expected each once")
+            first = spelled[items.index(item)]
+            if first == spelled[i]:
+                raise argparse.ArgumentTypeError(f"got {first!r} twice, expected each once")
+            raise argparse.ArgumentTypeError(
+                f"got {spelled[i]!r}, the same as {first!r} before it, expected each once"
+            )
     return items
 
 
@@ -757,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: got cuda, expected cpu or auto: torch sees no CUDA device")
+    try:
+        enabled_by_environment()
+    except ValueError as error:
+        parser.error(str(error))
     if args.candidates is not None:
         runnable = device_candidates(device)
         skipped = [n for n in args.candidates if n not in runnable]

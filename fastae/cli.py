@@ -327,12 +327,14 @@ def _device(name: str | None) -> str:
         raise UsageError(f"--device: got {name!r}, expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: got {name!r}, but no CUDA device is available")
-    # The backend the layers will pick on this device (FASTAE_BACKEND can force one), checked
-    # before anything is written rather than at the first forward.
+    # The backend the layers will pick on this device (FASTAE_BACKEND can force one) and
+    # FASTAE_ONEDNN, checked before anything is written rather than at the first forward.
     from fastae.functional import resolve_backend
+    from fastae.functional.cpu_linear import enabled_by_environment
 
     try:
         resolve_backend("auto", device)
+        enabled_by_environment()
     except ValueError as error:
         raise UsageError(str(error)) from None
     return name

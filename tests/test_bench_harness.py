@@ -116,8 +116,12 @@ def test_jacobian_left_out_of_large_shapes():
     [
         (["--shapes", "256x784"], "argument --shapes: got '256x784', expected BxDxH"),
         (
-            ["--shapes", "8x8x8,16x8x8,8X8x8"],
-            "argument --shapes: got '8X8x8' twice, expected each once",
+            ["--shapes", "8x8x8,16x8x8,8x8x8"],
+            "argument --shapes: got '8x8x8' twice, expected each once",
+        ),
+        (
+            ["--shapes", "8x8x8,16x8x8,8X08x8"],
+            "argument --shapes: got '8X08x8', the same as '8x8x8' before it, expected each once",
         ),
         (["--dtype", "fp8"], "argument --dtype: got 'fp8', expected"),
         (["--dtype", "fp32,fp32"], "argument --dtype: got 'fp32' twice, expected each once"),
@@ -271,6 +275,16 @@ def test_an_unusable_out_folder_is_refused_before_any_timing(out, tmp_path, caps
     reason="checks the message without a GPU; CI (no GPU) runs it, the GPU tier "
     "(benchmarks/gpu_check.sh) runs --device cuda for real",
 )
+def test_a_bad_onednn_switch_is_refused_before_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTAE_ONEDNN", "on")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--shapes", "8x8x8", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastae bench: error: FASTAE_ONEDNN: got 'on', expected '0' or '1'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cuda_without_a_gpu_is_refused_like_other_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--device", "cuda", "--out", str(tmp_path)])

@@ -492,6 +492,17 @@ def test_a_bad_backend_override_is_one_line_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_onednn_switch_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    # The digits model is far below the size that takes oneDNN: the value is checked anyway.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTAE_ONEDNN", "yes")
+    assert _main(["train", "--epochs", "1", "--out", "run"]) == 2
+    assert capsys.readouterr().err == (
+        "fastae train: error: FASTAE_ONEDNN: got 'yes', expected '0' or '1' (or unset)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("rank, echoed", [("0", True), ("1", False)])
 def test_under_torchrun_only_rank_0_reports_a_malformed_command_line(
     monkeypatch, capsys, rank, echoed

@@ -197,9 +197,13 @@ def test_bfloat16_where_the_cpu_lacks_it(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["off", "false", "2", " 0"])
-def test_environment_variable_takes_only_0_or_1(value, monkeypatch):
+@pytest.mark.parametrize("shape", [(2, 3, 4), (64, 512, 512)], ids=["small", "onednn-size"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_environment_variable_takes_only_0_or_1(value, shape, dtype, monkeypatch):
+    # Refused whatever route the call would have taken, not only where it matters.
     monkeypatch.setenv("FASTAE_ONEDNN", value)
-    x, weight = torch.ones(64, 512), torch.ones(512, 512)
+    batch, features, hidden = shape
+    x, weight = torch.ones(batch, features, dtype=dtype), torch.ones(hidden, features, dtype=dtype)
     with pytest.raises(ValueError, match=rf"FASTAE_ONEDNN: got {value!r}, expected '0' or '1'"):
         fastae.encode(x, weight, backend="torch")
 

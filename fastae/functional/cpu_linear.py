@@ -85,8 +85,10 @@ def _onednn_works(dtype: torch.dtype) -> bool:
     return h.shape == (1, 2) and torch.allclose(h.float(), torch.tensor(want), atol=4e-3)
 
 
-def _enabled_by_environment() -> bool:
-    """FASTAE_ONEDNN: "0" turns the route off, "1" or unset leaves it on."""
+def enabled_by_environment() -> bool:
+    """FASTAE_ONEDNN: "0" turns the route off, "1" or unset leaves it on, anything else is a
+    ValueError (raised by every call of the PyTorch path, whatever its size, and by the
+    commands before they start)."""
     value = os.environ.get("FASTAE_ONEDNN", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"FASTAE_ONEDNN: got {value!r}, expected '0' or '1' (or unset)")
@@ -96,11 +98,11 @@ def _enabled_by_environment() -> bool:
 def onednn_used(x: Tensor, weight: Tensor) -> bool:
     """Whether linear_activation and linear take oneDNN's route for x (B, D) and W (H, D)."""
     return (
-        x.device.type == "cpu"
+        enabled_by_environment()
+        and x.device.type == "cpu"
         and x.dtype in _ONEDNN_DTYPES
         and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_ONEDNN_MACS
         and not torch.compiler.is_compiling()
-        and _enabled_by_environment()
         and torch.backends.mkldnn.enabled
         and _onednn_works(x.dtype)
     )
