@@ -367,6 +367,19 @@ def test_encode_refuses_noise_that_is_not_a_noise():
         fastae.encode(x, weight, bias, noise="masking:0.3")
 
 
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (torch.zeros(3, 4).to_sparse(), TypeError, r"x: got layout torch.sparse_coo, expected"),
+        (torch.zeros(3, 4, dtype=torch.int32), TypeError, r"x: got dtype torch.int32"),
+        (torch.tensor(1.0), ValueError, r"x: got shape \(\), expected \(B, D\)"),
+    ],
+)
+def test_corrupt_names_a_bad_x(x, error, message):
+    with pytest.raises(error, match=message):
+        corrupt(x, Noise("masking", 0.3), "torch")
+
+
 # Across processes: each rank corrupts its own samples with its own stream.
 
 

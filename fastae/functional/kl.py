@@ -16,6 +16,7 @@ right too.
 from __future__ import annotations
 
 import functools
+import struct
 
 import torch
 from torch import Tensor
@@ -79,11 +80,16 @@ def _computing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@functools.lru_cache(maxsize=64)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """value rounded to float32 or float64 (Python's float), as torch.tensor(value, dtype)
+    rounds it, in plain Python: no tensor, no .item() to break a torch.compile graph."""
+    return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
+
+
 def check_eps(eps: float, dtype: torch.dtype) -> None:
     """eps must leave 1 - eps below 1 in the dtype the penalty is computed in."""
     computing = _computing_dtype(dtype)
-    if not torch.tensor(1.0 - eps, dtype=computing).item() < 1.0:
+    if not _rounded(1.0 - eps, computing) < 1.0:
         least = torch.finfo(computing).eps / 2
         raise ValueError(
             f"eps: got {eps!r}, expected a margin that keeps 1 - eps below 1 in {computing}, "

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastae.functional.checks import check_tensor
 from fastae.functional.distributed import is_distributed
 
 __all__ = ["KINDS", "Noise", "corrupt", "draw"]
@@ -179,6 +180,9 @@ def corrupt(
     """
     from fastae.functional import resolve_backend
 
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected (B, D)")
     check_noise(noise)
     x2 = x.detach().reshape(-1, x.shape[-1])
     if resolve_backend(backend, x.device) == "triton":
