@@ -10,10 +10,10 @@ autograd never sees it and the backward stays the hand-written one.
 
 It is used when all of these hold, and F.linear plus the activation otherwise:
 
-- the tensors are on the CPU, in float32 or bfloat16 (oneDNN refuses
-  float64, and float16 is not supported on most CPUs), and oneDNN's linear answered a probe
-  call in that dtype correctly the first time it was needed (bfloat16 needs AVX-512 BF16 or
-  AMX, or it refuses to build the primitive);
+- the tensors are on the CPU, in float32 or bfloat16 (oneDNN refuses float64, and float16 is
+  not supported on most CPUs), and oneDNN's linear answered a probe call in that dtype
+  correctly the first time it was needed (bfloat16 needs AVX-512 BF16 or AMX, or oneDNN
+  refuses to build the primitive);
 - torch was built with oneDNN and ``torch.backends.mkldnn`` is enabled;
 - the matmul has at least MIN_ONEDNN_MACS multiply-adds (see the NOTE at that constant);
 - torch.compile is not tracing the call: Inductor cannot lower this op inside a training graph
